@@ -1,0 +1,3 @@
+"""overlaybd-py: lazy container image loading with overlaybd block-device images."""
+
+__version__ = "0.1.0"
