@@ -1,0 +1,105 @@
+"""Sealing a writable layer: the layout ``overlaybd-commit`` writes, as a plan of copies.
+
+Pure (spec sections 1.3 and 1.5). ``plan_commit`` takes the layer's sorted mappings and
+returns the header, the list of data ranges to copy (in output order), the padded index and
+the trailer; the caller does the copying. The record layout follows the original exactly so
+that the committed file is byte-identical: data records are cut into 32 KiB pieces as they
+are copied, then adjacent pieces are merged back while the merged length stays below 16383
+sectors, and the index is padded with invalid records to a multiple of 256.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .. import _accel
+from .lsmt import (
+    FLAG_DATA,
+    FLAG_HEADER,
+    FLAG_SEALED,
+    HT_SPACE,
+    INVALID_OFFSET,
+    MAX_LENGTH,
+    NULL_UUID,
+    SECTOR,
+    LsmtHeader,
+    Segments,
+)
+
+__all__ = ["CommitPlan", "plan_commit"]
+
+_COPY_PIECE = 64  # sectors: the original copies through a 32 KiB buffer
+_INDEX_ALIGN = 256  # records: the index is padded to 4 KiB
+
+
+@dataclass(frozen=True, slots=True)
+class CommitPlan:
+    header: bytes
+    copies: list[tuple[int, int]]  # (byte offset in the source data file, byte length)
+    index: bytes
+    trailer: bytes
+    index_offset: int  # bytes; also where the data ends
+
+    @property
+    def size(self) -> int:
+        return self.index_offset + len(self.index) + len(self.trailer)
+
+
+def _compress(pieces: list[list[int]]) -> list[list[int]]:
+    """Merge neighbours contiguous in both offset and moffset (the original's rule)."""
+    out: list[list[int]] = []
+    for piece in pieces:
+        if out:
+            last = out[-1]
+            last_mend = last[2] if last[3] else last[2] + last[1]
+            if (
+                last[0] + last[1] == piece[0]
+                and last_mend == piece[2]
+                and last[3] == piece[3]
+                and last[1] + piece[1] < MAX_LENGTH
+            ):
+                last[1] += piece[1]
+                continue
+        out.append(piece)
+    return out
+
+
+def plan_commit(
+    segments: Segments,
+    *,
+    virtual_size: int,
+    uuid: str = NULL_UUID,
+    parent_uuid: str = NULL_UUID,
+    user_tag: bytes = b"",
+) -> CommitPlan:
+    """Plan the sealed file for ``segments`` (sorted, non-overlapping; moffsets in the
+    writable data file)."""
+    position = HT_SPACE // SECTOR
+    copies: list[tuple[int, int]] = []
+    pieces: list[list[int]] = []
+    for offset, length, moffset, zeroed, _tag in segments.records():
+        if zeroed:
+            pieces.append([offset, length, position, 1])
+            continue
+        copies.append((moffset * SECTOR, length * SECTOR))
+        for k in range(0, length, _COPY_PIECE):
+            pieces.append([offset + k, min(_COPY_PIECE, length - k), position + k, 0])
+        position += length
+    merged = _compress(pieces)
+    table = Segments()
+    for offset, length, moffset, zeroed in merged:
+        table.append(offset, length, moffset, zeroed)
+    padding = -len(table) % _INDEX_ALIGN
+    for _ in range(padding):
+        table.append(INVALID_OFFSET, 0, 0, 0)
+    index = _accel.encode_segments(*table.columns())
+    index_offset = position * SECTOR
+    common = dict(
+        virtual_size=virtual_size, uuid=uuid, parent_uuid=parent_uuid, user_tag=user_tag
+    )
+    header = LsmtHeader(flags=FLAG_HEADER | FLAG_DATA | FLAG_SEALED, **common)
+    trailer = LsmtHeader(
+        flags=FLAG_DATA | FLAG_SEALED, index_offset=index_offset, index_size=len(table),
+        **common,
+    )
+    return CommitPlan(header.pack(), copies, index, trailer.pack(), index_offset)
