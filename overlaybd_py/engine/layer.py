@@ -1,0 +1,107 @@
+"""Open one overlaybd layer blob: peel the tar wrapper and the ZFile, then read the LSMT index.
+
+A blob may be ``[tar] -> [zfile] -> sealed LSMT`` in any of the combinations the original
+accepts; each wrapper is detected from its magic. The result, ``Layer``, exposes the sealed
+LSMT file as a ``BlobSource`` (``lsmt``) plus its trailer and checked index.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from ..errors import CorruptLayerError, FormatError
+from ..formats import lsmt, tar_wrapper, zfile
+from ..formats.lsmt import HT_SPACE, LsmtHeader, Segments
+from .source import BlobSource, SliceSource
+from .zfile_source import DecodedChunkCache, ZFileSource
+
+__all__ = ["Layer", "open_layer"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Layer:
+    """A sealed layer ready for reads: ``lsmt`` is the (decompressed) LSMT file."""
+
+    key: str  # digest or path: names the blob in messages and caches
+    blob: BlobSource  # the blob as stored
+    lsmt: BlobSource  # the sealed LSMT file inside it
+    header: LsmtHeader
+    trailer: LsmtHeader
+    segments: Segments
+    tar_offset: int | None = None  # where the payload starts, when tar-wrapped
+    zfile: ZFileSource | None = None
+
+    @property
+    def kind(self) -> str:
+        return "zfile" if self.zfile is not None else "lsmt"
+
+    @property
+    def virtual_size(self) -> int:
+        return self.trailer.virtual_size
+
+    @property
+    def verified(self) -> bool:
+        """True when every data byte is covered by a checksum (ZFile with verify)."""
+        return self.zfile is not None and self.zfile.index.header.verify
+
+
+async def _peel(blob: BlobSource, key: str, chunk_cache: DecodedChunkCache | None):
+    """Return (tar payload offset or None, zfile source or None, the LSMT source)."""
+    if blob.size < tar_wrapper.BLOCK:
+        raise CorruptLayerError(
+            "layer blob too small to be a layer", field="size", offset=0,
+            expected=f">= {2 * HT_SPACE}", actual=blob.size,
+        )
+    head = await blob.read_at(0, min(tar_wrapper.HEAD_PROBE, blob.size))
+    tar_offset = None
+    inner: BlobSource = blob
+    if tar_wrapper.is_tar(head):
+        payload = tar_wrapper.find_payload(head, blob.size)
+        tar_offset = payload.offset
+        inner = SliceSource(blob, payload.offset, payload.size)
+        head = await inner.read_at(0, min(512, inner.size))
+    zsource = None
+    if zfile.is_zfile(head):
+        zsource = await ZFileSource.open(inner, key=key, chunk_cache=chunk_cache)
+        inner = zsource
+        head = await inner.read_at(0, min(HT_SPACE, inner.size))
+    if not lsmt.is_lsmt(head):
+        raise CorruptLayerError(
+            "not an overlaybd layer: no LSMT, ZFile or tar magic", field="magic", offset=0,
+            expected=lsmt.MAGIC0, actual=bytes(head[:8]),
+        )
+    return tar_offset, zsource, inner
+
+
+async def open_layer(
+    blob: BlobSource, *, key: str, chunk_cache: DecodedChunkCache | None = None
+) -> Layer:
+    """Open a sealed layer blob (plain, ZFile or tar-wrapped). Raises FormatError naming
+    ``key`` when the blob is not a layer overlaybd-py can read."""
+    try:
+        tar_offset, zsource, source = await _peel(blob, key, chunk_cache)
+        if source.size < 2 * HT_SPACE:
+            raise CorruptLayerError(
+                "lsmt: file too small for header and trailer", field="size", offset=0,
+                expected=f">= {2 * HT_SPACE}", actual=source.size,
+            )
+        header = LsmtHeader.unpack(await source.read_at(0, HT_SPACE), 0)
+        if not header.is_header or not header.is_data_file:
+            raise CorruptLayerError(
+                "lsmt header: flags must say header of a data file", field="flags", offset=28,
+                expected=lsmt.FLAG_HEADER | lsmt.FLAG_DATA, actual=header.flags,
+            )
+        trailer_offset = source.size - HT_SPACE
+        trailer = LsmtHeader.unpack(await source.read_at(trailer_offset, HT_SPACE), trailer_offset)
+        lsmt.check_trailer(trailer, source.size)
+        raw_index = await source.read_at(trailer.index_offset, trailer.index_size * 16)
+        segments = lsmt.parse_sealed_index(raw_index, trailer)
+    except FormatError as exc:
+        raise exc.with_digest(key) from None
+    return Layer(
+        key=key, blob=blob, lsmt=source, header=header, trailer=trailer, segments=segments,
+        tar_offset=tar_offset, zfile=zsource,
+    )

@@ -1,0 +1,225 @@
+"""A decompressing ``BlobSource`` over a ZFile blob, with a small cache of decoded chunks.
+
+Opening reads the header (and the trailer unless the header carries HEADER_OVERWRITE) and
+the jump table, once. A read maps its range to chunks; chunks already decoded come from an
+in-memory LRU, the rest are fetched as runs of adjacent chunks (one ``read_at`` of the inner
+source per run, bounded in size), checked (salted CRC32C) and decompressed off the event loop
+when the batch is large. Concurrent readers of the same chunk share one fetch. A chunk that
+fails its check is fetched once more (the inner source may be a cache holding a bad copy,
+see ``invalidate``); a second failure is a CorruptLayerError, never bad data.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+from functools import partial
+
+import trio
+
+from ..errors import CorruptLayerError, FormatError
+from ..formats import zfile
+from ._tasks import run_concurrently
+from .source import BlobSource, check_range
+
+__all__ = ["DecodedChunkCache", "ZFileSource", "open_zfile_index"]
+
+log = logging.getLogger(__name__)
+
+# A fetch run covers at most this many compressed bytes (one HTTP Range request).
+MAX_RUN_BYTES = 4 * 1024 * 1024
+# Decode inline below this many compressed bytes: a thread hop costs more (STYLE rule 6).
+INLINE_DECODE_BYTES = 64 * 1024
+
+# One limiter for all CPU work handed to threads (decompression, CRC, hashing).
+CPU_LIMITER = trio.CapacityLimiter(4)
+
+
+class DecodedChunkCache:
+    """LRU of decoded chunks keyed by (blob key, chunk number), bounded in bytes.
+
+    Shared by every ZFileSource of a process; ``key`` is usually the blob digest.
+    """
+
+    def __init__(self, capacity: int = 64 * 1024 * 1024) -> None:
+        self.capacity = capacity
+        self._entries: OrderedDict[tuple[str, int], bytes] = OrderedDict()
+        self._bytes = 0
+
+    def get(self, key: str, chunk: int) -> bytes | None:
+        data = self._entries.get((key, chunk))
+        if data is not None:
+            self._entries.move_to_end((key, chunk))
+        return data
+
+    def put(self, key: str, chunk: int, data: bytes) -> None:
+        if self.capacity <= 0:
+            return
+        old = self._entries.pop((key, chunk), None)
+        if old is not None:
+            self._bytes -= len(old)
+        self._entries[(key, chunk)] = data
+        self._bytes += len(data)
+        while self._bytes > self.capacity and self._entries:
+            _, evicted = self._entries.popitem(last=False)
+            self._bytes -= len(evicted)
+
+
+async def open_zfile_index(inner: BlobSource) -> zfile.ZFileIndex:
+    """Read and check the header, trailer (if needed) and jump table of a ZFile blob."""
+    if inner.size < 2 * zfile.SLOT:
+        raise CorruptLayerError(
+            "zfile: blob too small", field="size", offset=0, expected=f">= {2 * zfile.SLOT}",
+            actual=inner.size,
+        )
+    header = zfile.parse_header(await inner.read_at(0, zfile.SLOT))
+    trailer = None
+    if not header.flag(zfile.FLAG_OVERWRITE):
+        trailer = await inner.read_at(inner.size - zfile.SLOT, zfile.SLOT)
+    ht = zfile.index_header(header, trailer, inner.size)
+    table = await inner.read_at(ht.index_offset, 4 * ht.index_size) if ht.index_size else b""
+    return zfile.ZFileIndex.parse(ht, table)
+
+
+@dataclass
+class ZFileStatistics:
+    chunks_decoded: int = 0
+    chunk_hits: int = 0
+    bytes_decoded: int = 0
+    crc_failures: int = 0
+
+
+class ZFileSource:
+    """The uncompressed view of a ZFile blob (``size`` = the original file size)."""
+
+    def __init__(
+        self,
+        inner: BlobSource,
+        index: zfile.ZFileIndex,
+        *,
+        key: str,
+        chunk_cache: DecodedChunkCache | None = None,
+    ) -> None:
+        self._inner = inner
+        self.index = index
+        self.size = index.original_size
+        self._key = key
+        self._cache = chunk_cache if chunk_cache is not None else DecodedChunkCache(8 << 20)
+        self._inflight: dict[int, trio.Event] = {}
+        self.stats = ZFileStatistics()
+
+    @classmethod
+    async def open(
+        cls,
+        inner: BlobSource,
+        *,
+        key: str,
+        chunk_cache: DecodedChunkCache | None = None,
+    ) -> ZFileSource:
+        try:
+            index = await open_zfile_index(inner)
+        except FormatError as exc:
+            raise exc.with_digest(key) from None
+        return cls(inner, index, key=key, chunk_cache=chunk_cache)
+
+    async def check_chunks(self, first: int, last: int) -> None:
+        """Fetch and check chunks first..last without caching them (``layer verify``)."""
+        offset, length = self.index.compressed_span(first, last)
+        raw = await self._inner.read_at(offset, length)
+        try:
+            await trio.to_thread.run_sync(
+                zfile.decode_chunks, self.index, first, raw, last - first + 1,
+                limiter=CPU_LIMITER,
+            )
+        except FormatError as exc:
+            raise exc.with_digest(self._key) from None
+
+    async def read_at(self, offset: int, length: int) -> bytes:
+        check_range(self, offset, length, f"zfile {self._key}")
+        if length == 0:
+            return b""
+        first, last = self.index.chunk_range(offset, length)
+        chunks = await self._chunks(first, last)
+        base = first * self.index.chunk_size
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        return data[offset - base : offset - base + length]
+
+    async def _chunks(self, first: int, last: int) -> list[bytes]:
+        """Decoded chunks first..last, fetching the missing ones in coalesced runs."""
+        found: dict[int, bytes] = {}
+        while True:
+            missing: list[int] = []
+            waits: list[trio.Event] = []
+            for chunk in range(first, last + 1):
+                if chunk in found:
+                    continue
+                data = self._cache.get(self._key, chunk)
+                if data is not None:
+                    found[chunk] = data
+                    self.stats.chunk_hits += 1
+                elif chunk in self._inflight:
+                    waits.append(self._inflight[chunk])
+                else:
+                    missing.append(chunk)
+            if not missing and not waits:
+                return [found[c] for c in range(first, last + 1)]
+            # No await between the scan above and claiming the chunks here.
+            runs = self._runs(missing)
+            claimed = {c: trio.Event() for c in missing}
+            self._inflight.update(claimed)
+            try:
+                await run_concurrently([
+                    partial(self._fetch_run, run_first, run_last, found)
+                    for run_first, run_last in runs
+                ])
+            finally:
+                for chunk, event in claimed.items():
+                    del self._inflight[chunk]
+                    event.set()
+            for event in waits:
+                await event.wait()
+            # Chunks another reader fetched are now in the cache (or it failed and we
+            # retry them ourselves on the next pass).
+
+    def _runs(self, chunks: list[int]) -> list[tuple[int, int]]:
+        runs: list[tuple[int, int]] = []
+        starts = self.index.starts
+        for chunk in chunks:
+            if runs:
+                run_first, run_last = runs[-1]
+                if chunk == run_last + 1 and starts[chunk + 1] - starts[run_first] <= MAX_RUN_BYTES:
+                    runs[-1] = (run_first, chunk)
+                    continue
+            runs.append((chunk, chunk))
+        return runs
+
+    async def _fetch_run(self, first: int, last: int, found: dict[int, bytes]) -> None:
+        offset, length = self.index.compressed_span(first, last)
+        count = last - first + 1
+        for attempt in (1, 2):
+            raw = await self._inner.read_at(offset, length)
+            try:
+                if length < INLINE_DECODE_BYTES:
+                    plain = zfile.decode_chunks(self.index, first, raw, count)
+                else:
+                    plain = await trio.to_thread.run_sync(
+                        zfile.decode_chunks, self.index, first, raw, count, limiter=CPU_LIMITER
+                    )
+                break
+            except CorruptLayerError as exc:
+                self.stats.crc_failures += 1
+                exc.with_digest(self._key)
+                if attempt == 2:
+                    raise
+                log.warning("%s; fetching it again", exc)
+                invalidate = getattr(self._inner, "invalidate", None)
+                if invalidate is not None:
+                    await invalidate(offset, length)
+        size = self.index.chunk_size
+        for i in range(count):
+            data = plain[i * size : (i + 1) * size]
+            found[first + i] = data
+            self._cache.put(self._key, first + i, data)
+        self.stats.chunks_decoded += count
+        self.stats.bytes_decoded += len(plain)
