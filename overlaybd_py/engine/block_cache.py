@@ -1,0 +1,506 @@
+"""The persistent block cache: blob bytes on local disk, keyed by blob digest and block.
+
+Theory of operation
+-------------------
+Each cached blob has two files under ``<dir>/blobs/``: ``<hex>.data``, a sparse file holding
+the blob's bytes at their own offsets, and ``<hex>.meta``, a memory-mapped table with, per
+4 KiB block, a present flag and the block's CRC32C, and per 1 MiB region a last-access stamp
+(the LRU clock). Blocks are the unit of presence and integrity; regions are the unit of
+eviction (one hole punch, one stamp).
+
+Concurrency protocol (one process, one trio thread; other processes see the same files):
+
+* A block is *present* only after its bytes were written to ``.data`` and its CRC to
+  ``.meta``; presence is published last. A reader trusts nothing: it re-computes the CRC of
+  every block it serves, so a torn write, a crash between data and metadata, a truncated or
+  corrupted file, or an eviction racing with the read (another process) is detected, the
+  block is marked absent and fetched again. A block never reaches a caller unchecked.
+* Within the process, a block being fetched is *claimed* in ``_inflight`` (no ``await``
+  between the presence scan and the claim); other readers wait for the claim's event and
+  re-scan. So concurrent readers of one block share one fetch.
+* Eviction (size above the cap) takes a ``flock`` on ``<dir>/lock`` so two processes do not
+  evict at once, clears presence first, then punches the region's hole.
+
+The on-disk format is versioned (``FORMAT``); a blob whose meta header does not match the
+expected format, block size, blob size or digest is dropped and rebuilt, never misread.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import json
+import logging
+import mmap
+import os
+import struct
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import trio
+
+from .. import __version__, _accel
+from ..errors import DeviceError, UsageError
+from ._tasks import run_concurrently
+from .source import BlobSource, check_range
+
+__all__ = ["BlockCache", "BlockCacheStatistics", "CachedBlobInfo", "CachedSource"]
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+BLOCK = 4096
+REGION_BLOCKS = 256  # 1 MiB eviction unit
+MAGIC = b"OBDPY-BLOCKCACHE"
+# magic, format, block size, blob size, region blocks, digest, creator, header crc
+_HEADER = struct.Struct("<16sIIQI128s32sI")
+META_HEADER = 4096
+MAX_FETCH = 4 * 1024 * 1024  # bytes in one range request
+EVICT_TO = 0.9  # evict down to this fraction of the cap
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_FALLOC_PUNCH = 0x01 | 0x02  # KEEP_SIZE | PUNCH_HOLE
+
+
+def _punch_hole(fd: int, offset: int, length: int) -> None:
+    res = _libc.fallocate(fd, _FALLOC_PUNCH, ctypes.c_long(offset), ctypes.c_long(length))
+    if res != 0:
+        err = ctypes.get_errno()
+        if err != errno.EOPNOTSUPP:
+            raise OSError(err, os.strerror(err))
+        os.pwrite(fd, bytes(length), offset)  # no hole support: at least drop the content
+
+
+def _digest_hex(digest: str) -> str:
+    algo, _, hexpart = digest.partition(":")
+    if algo != "sha256" or len(hexpart) != 64 or not all(c in "0123456789abcdef" for c in hexpart):
+        raise UsageError(f"block cache keys are sha256 digests, got {digest!r}")
+    return hexpart
+
+
+@dataclass(frozen=True, slots=True)
+class BlockCacheStatistics:
+    hits: int  # blocks served from disk
+    misses: int  # blocks fetched
+    bytes_fetched: int
+    bytes_served: int
+    requests: int  # range requests sent to the source
+    evictions: int  # regions evicted
+    evicted_bytes: int
+    corrupt_blocks: int  # entries found bad on read and fetched again
+    size: int  # bytes cached now (this process's view)
+    capacity: int
+
+
+@dataclass(frozen=True, slots=True)
+class CachedBlobInfo:
+    digest: str
+    blob_size: int
+    cached_bytes: int
+    last_access: float
+
+
+class _BlobFiles:
+    """The data + meta files of one blob, mapped; owned by BlockCache."""
+
+    def __init__(self, digest: str, size: int, data_fd: int, meta_fd: int, meta: mmap.mmap):
+        self.digest = digest
+        self.size = size
+        self.blocks = -(-size // BLOCK)
+        self.regions = -(-self.blocks // REGION_BLOCKS)
+        self.data_fd = data_fd
+        self.meta_fd = meta_fd
+        self.meta = meta
+        view = memoryview(meta)
+        crc_end = META_HEADER + 4 * self.blocks
+        self.crcs = view[META_HEADER:crc_end].cast("I")
+        self.present = view[crc_end : crc_end + self.blocks]
+        stamp_start = crc_end + self.blocks
+        stamp_start += -stamp_start % 4
+        self.stamps = view[stamp_start : stamp_start + 4 * self.regions].cast("I")
+        self.inflight: dict[int, trio.Event] = {}
+
+    @staticmethod
+    def meta_size(size: int) -> int:
+        blocks = -(-size // BLOCK)
+        regions = -(-blocks // REGION_BLOCKS)
+        end = META_HEADER + 5 * blocks
+        return end + (-end % 4) + 4 * regions
+
+    def present_bytes(self) -> int:
+        return self.present.tobytes().count(1) * BLOCK
+
+    def close(self) -> None:
+        for view in (self.crcs, self.present, self.stamps):
+            view.release()
+        self.meta.close()
+        os.close(self.meta_fd)
+        os.close(self.data_fd)
+
+
+def _header(digest: str, size: int) -> bytes:
+    body = _HEADER.pack(MAGIC, FORMAT, BLOCK, size, REGION_BLOCKS, digest.encode(),
+                        f"overlaybd-py {__version__}".encode()[:32], 0)
+    crc = _accel.crc32c(body[:-4], 0)
+    return body[:-4] + struct.pack("<I", crc)
+
+
+class BlockCache:
+    """A directory of cached blobs with a size cap (bytes; 0 = unbounded).
+
+    Built with ``BlockCache.open(dir, capacity)``; ``close()`` flushes and unmaps.
+    """
+
+    def __init__(self, root: Path, capacity: int) -> None:
+        self.root = root
+        self.capacity = capacity
+        self._blobs: dict[str, _BlobFiles] = {}
+        self._size = 0  # bytes present in the blobs this process has opened or scanned
+        self._sizes: dict[str, int] = {}  # digest -> present bytes, for blobs not opened
+        self._counters = dict(hits=0, misses=0, bytes_fetched=0, bytes_served=0, requests=0,
+                              evictions=0, evicted_bytes=0, corrupt_blocks=0)
+
+    @classmethod
+    def open(cls, root: str | os.PathLike[str], capacity: int = 0) -> BlockCache:
+        root = Path(root)
+        (root / "blobs").mkdir(parents=True, exist_ok=True)
+        version_file = root / "VERSION"
+        want = {"format": FORMAT, "block_size": BLOCK}
+        if version_file.exists():
+            try:
+                have = json.loads(version_file.read_text())
+            except ValueError:
+                have = {}
+            if {k: have.get(k) for k in want} != want:
+                raise UsageError(
+                    f"cache directory {root} holds a different cache format ({have}); "
+                    f"clear it with 'overlaybd-py cache clear --cache-dir {root}'"
+                )
+        else:
+            tmp = version_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps({**want, "creator": f"overlaybd-py {__version__}"}))
+            tmp.rename(version_file)
+        cache = cls(root, capacity)
+        for info in cache.list_blobs():
+            cache._sizes[info.digest] = info.cached_bytes
+        cache._size = sum(cache._sizes.values())
+        return cache
+
+    def close(self) -> None:
+        for files in self._blobs.values():
+            files.meta.flush()
+            files.close()
+        self._blobs.clear()
+
+    # -- blobs ------------------------------------------------------------------------------
+
+    def _paths(self, digest: str) -> tuple[Path, Path]:
+        hexpart = _digest_hex(digest)
+        base = self.root / "blobs" / hexpart
+        return base.with_suffix(".data"), base.with_suffix(".meta")
+
+    def _open_blob(self, digest: str, size: int) -> _BlobFiles:
+        files = self._blobs.get(digest)
+        if files is not None:
+            if files.size != size:
+                raise DeviceError(
+                    f"blob {digest}: size {size} differs from the cached {files.size}"
+                )
+            return files
+        data_path, meta_path = self._paths(digest)
+        expected_meta = _BlobFiles.meta_size(size)
+        header = _header(digest, size)
+        fresh = True
+        try:
+            with open(meta_path, "rb") as f:
+                stored = f.read(len(header))
+            fresh = stored != header or meta_path.stat().st_size != expected_meta
+            if fresh:
+                log.info("cache entry for %s does not match this format or size; rebuilding",
+                         digest)
+        except FileNotFoundError:
+            pass
+        if fresh:
+            self._drop_files(digest)
+            tmp = meta_path.with_name(meta_path.name + f".tmp-{os.getpid()}")
+            with open(tmp, "wb") as f:
+                f.write(header.ljust(META_HEADER, b"\0"))
+                f.truncate(expected_meta)
+            with open(data_path, "wb") as f:
+                f.truncate(size)
+            tmp.rename(meta_path)  # published: an empty, valid table
+        data_fd = os.open(data_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        meta_fd = os.open(meta_path, os.O_RDWR | os.O_CLOEXEC)
+        meta = mmap.mmap(meta_fd, expected_meta)
+        files = _BlobFiles(digest, size, data_fd, meta_fd, meta)
+        self._blobs[digest] = files
+        present = files.present_bytes()
+        self._size += present - self._sizes.get(digest, 0)
+        self._sizes[digest] = present
+        return files
+
+    def _drop_files(self, digest: str) -> None:
+        for path in self._paths(digest):
+            path.unlink(missing_ok=True)
+
+    def source(self, remote: BlobSource, digest: str) -> CachedSource:
+        """A ``BlobSource`` serving ``remote``'s bytes through this cache."""
+        return CachedSource(self, remote, digest)
+
+    # -- accounting and eviction --------------------------------------------------------------
+
+    def _added(self, files: _BlobFiles, nbytes: int) -> None:
+        self._size += nbytes
+        self._sizes[files.digest] = self._sizes.get(files.digest, 0) + nbytes
+        if self.capacity and self._size > self.capacity:
+            self.evict(int(self.capacity * EVICT_TO))
+
+    def _forget(self, files: _BlobFiles, blocks: list[int]) -> None:
+        """Mark blocks absent (found bad, or invalidated by a layer above)."""
+        dropped = 0
+        for block in blocks:
+            if files.present[block]:
+                files.present[block] = 0
+                dropped += BLOCK
+        self._size -= dropped
+        self._sizes[files.digest] = self._sizes.get(files.digest, 0) - dropped
+
+    def _all_regions(self) -> Iterator[tuple[int, str, int]]:
+        """(stamp, digest, region) of every region with present blocks, any blob on disk."""
+        for info in self.list_blobs():
+            try:
+                files = self._open_blob(info.digest, info.blob_size)
+            except OSError:
+                continue
+            present = files.present.tobytes()
+            for region in range(files.regions):
+                start = region * REGION_BLOCKS
+                if present.find(1, start, start + REGION_BLOCKS) >= 0:
+                    yield files.stamps[region], info.digest, region
+
+    def evict(self, target: int) -> int:
+        """Evict least recently used regions until at most ``target`` bytes remain.
+        Returns the bytes evicted."""
+        lock_fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        evicted = 0
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX)
+            for _stamp, digest, region in sorted(self._all_regions()):
+                if self._size <= target:
+                    break
+                files = self._blobs[digest]
+                start = region * REGION_BLOCKS
+                end = min(start + REGION_BLOCKS, files.blocks)
+                if any(b in files.inflight for b in range(start, end)):
+                    continue
+                count = files.present[start:end].tobytes().count(1)
+                files.present[start:end] = bytes(end - start)  # presence first, then data
+                _punch_hole(files.data_fd, start * BLOCK, (end - start) * BLOCK)
+                nbytes = count * BLOCK
+                self._size -= nbytes
+                self._sizes[digest] -= nbytes
+                evicted += nbytes
+                self._counters["evictions"] += 1
+                self._counters["evicted_bytes"] += nbytes
+        finally:
+            fcntl.flock(lock_fd, fcntl.LOCK_UN)
+            os.close(lock_fd)
+        if evicted:
+            log.info("block cache: evicted %d bytes (now %d, cap %d)", evicted, self._size,
+                     self.capacity)
+        return evicted
+
+    # -- inspection ---------------------------------------------------------------------------
+
+    def list_blobs(self) -> list[CachedBlobInfo]:
+        """Every blob in the cache directory with its cached bytes (for ``cache ls``)."""
+        out = []
+        for meta_path in sorted((self.root / "blobs").glob("*.meta")):
+            digest = "sha256:" + meta_path.stem
+            files = self._blobs.get(digest)
+            if files is not None:
+                stamps = files.stamps.tolist()
+                out.append(CachedBlobInfo(digest, files.size, files.present_bytes(),
+                                          float(max(stamps, default=0))))
+                continue
+            try:
+                raw = meta_path.read_bytes()
+                (magic, fmt, block, size, region, stored_digest, _creator,
+                 _crc) = _HEADER.unpack_from(raw)
+            except (OSError, struct.error):
+                continue
+            if (magic, fmt, block, region) != (MAGIC, FORMAT, BLOCK, REGION_BLOCKS) or \
+                    stored_digest.rstrip(b"\0").decode(errors="replace") != digest or \
+                    len(raw) != _BlobFiles.meta_size(size):
+                continue
+            blocks = -(-size // BLOCK)
+            crc_end = META_HEADER + 4 * blocks
+            present = raw[crc_end : crc_end + blocks].count(1) * BLOCK
+            stamp_start = crc_end + blocks
+            stamp_start += -stamp_start % 4
+            stamps = struct.unpack_from(f"<{-(-blocks // REGION_BLOCKS)}I", raw, stamp_start)
+            out.append(CachedBlobInfo(digest, size, present, float(max(stamps, default=0))))
+        return out
+
+    def size(self) -> int:
+        return self._size
+
+    def clear(self) -> int:
+        """Remove every cached blob not currently open. Returns the bytes freed."""
+        freed = 0
+        for info in self.list_blobs():
+            if info.digest in self._blobs:
+                continue
+            self._drop_files(info.digest)
+            freed += info.cached_bytes
+            self._size -= self._sizes.pop(info.digest, 0)
+        for tmp in (self.root / "blobs").glob("*.tmp-*"):
+            tmp.unlink(missing_ok=True)
+        return freed
+
+    def statistics(self) -> BlockCacheStatistics:
+        return BlockCacheStatistics(**self._counters, size=self._size, capacity=self.capacity)
+
+
+class CachedSource:
+    """``BlobSource`` over a remote blob, reading through the block cache.
+
+    Missing blocks are fetched in coalesced runs (at most MAX_FETCH bytes per request);
+    when reads are sequential the run is extended ahead (read-ahead, up to 1 MiB) so the
+    next read finds its blocks cached without another round trip.
+    """
+
+    def __init__(self, cache: BlockCache, remote: BlobSource, digest: str) -> None:
+        self._cache = cache
+        self._remote = remote
+        self.digest = digest
+        self.size = remote.size
+        self._files = cache._open_blob(digest, remote.size)
+        self._next_offset = -1
+        self._readahead = 0
+        self.fetch_latencies: list[float] = []  # seconds, one per range request
+
+    async def read_at(self, offset: int, length: int) -> bytes:
+        check_range(self, offset, length, self.digest)
+        if length == 0:
+            return b""
+        sequential = offset == self._next_offset
+        self._readahead = min(max(self._readahead * 2, 64 * 1024), 1 << 20) if sequential else 0
+        self._next_offset = offset + length
+        first, last = offset // BLOCK, (offset + length - 1) // BLOCK
+        files = self._files
+        for attempt in range(3):
+            fetched = await self._ensure(first, last, self._readahead)
+            data = os.pread(files.data_fd, (last + 1 - first) * BLOCK, first * BLOCK)
+            bad = self._check(data, first, last)
+            if not bad:
+                self._cache._counters["hits"] += last + 1 - first - fetched
+                stamp = int(time.time())
+                for region in range(first // REGION_BLOCKS, last // REGION_BLOCKS + 1):
+                    files.stamps[region] = stamp
+                self._cache._counters["bytes_served"] += length
+                start = offset - first * BLOCK
+                return data[start : start + length]
+            self._cache._counters["corrupt_blocks"] += len(bad)
+            level = logging.WARNING if attempt else logging.INFO
+            log.log(level, "block cache: %d bad block(s) of %s (first %d); fetching again",
+                    len(bad), self.digest, bad[0])
+            self._cache._forget(files, bad)
+        raise DeviceError(f"{self.digest}: cached blocks keep failing their checksum")
+
+    def _check(self, data: bytes, first: int, last: int) -> list[int]:
+        """Blocks whose bytes do not match their recorded CRC (or that are not present)."""
+        files = self._files
+        bad = []
+        view = memoryview(data)
+        for i, block in enumerate(range(first, last + 1)):
+            length = min(BLOCK, self.size - block * BLOCK)
+            chunk = view[i * BLOCK : i * BLOCK + length]
+            if not files.present[block] or _accel.crc32c(chunk, 0) != files.crcs[block]:
+                bad.append(block)
+        return bad
+
+    async def _ensure(self, first: int, last: int, readahead: int) -> int:
+        """Make blocks first..last present, fetching missing ones (and read-ahead).
+        Returns how many of first..last this call fetched itself."""
+        files = self._files
+        fetched = 0
+        while True:
+            missing: list[int] = []
+            waits: list[trio.Event] = []
+            for block in range(first, last + 1):
+                if files.present[block]:
+                    continue
+                if block in files.inflight:
+                    waits.append(files.inflight[block])
+                else:
+                    missing.append(block)
+            if not missing and not waits:
+                return fetched
+            fetched += len(missing)
+            if missing and missing[-1] == last and readahead:
+                extra_end = min(files.blocks - 1, last + readahead // BLOCK)
+                block = last + 1
+                while block <= extra_end and not files.present[block] \
+                        and block not in files.inflight:
+                    missing.append(block)
+                    block += 1
+            # No await between the scan above and the claim below.
+            claimed = {b: trio.Event() for b in missing}
+            files.inflight.update(claimed)
+            try:
+                runs = _runs(missing)
+                await run_concurrently([partial(self._fetch, a, b) for a, b in runs])
+            finally:
+                for block, event in claimed.items():
+                    del files.inflight[block]
+                    event.set()
+            for event in waits:
+                await event.wait()
+            # Re-scan: a waited-for fetch may have failed; then we fetch it ourselves.
+
+    async def _fetch(self, first: int, last: int) -> None:
+        files = self._files
+        offset = first * BLOCK
+        length = min((last + 1) * BLOCK, self.size) - offset
+        started = time.monotonic()
+        data = await self._remote.read_at(offset, length)
+        self.fetch_latencies.append(time.monotonic() - started)
+        if len(data) != length:
+            raise DeviceError(f"{self.digest}: source returned {len(data)} of {length} bytes")
+        counters = self._cache._counters
+        counters["requests"] += 1
+        counters["misses"] += last - first + 1
+        counters["bytes_fetched"] += length
+        written = os.pwrite(files.data_fd, data, offset)
+        if written != length:
+            raise DeviceError(f"block cache: short write for {self.digest}")
+        view = memoryview(data)
+        newly = 0
+        for i, block in enumerate(range(first, last + 1)):
+            files.crcs[block] = _accel.crc32c(view[i * BLOCK : (i + 1) * BLOCK], 0)
+            if not files.present[block]:
+                newly += 1
+            files.present[block] = 1  # published last
+        self._cache._added(files, newly * BLOCK)
+
+    async def invalidate(self, offset: int, length: int) -> None:
+        """Forget the cached blocks of a range (a layer above found them bad)."""
+        blocks = range(offset // BLOCK, (offset + max(length, 1) - 1) // BLOCK + 1)
+        self._cache._forget(self._files, list(blocks))
+
+
+def _runs(blocks: list[int]) -> list[tuple[int, int]]:
+    runs: list[tuple[int, int]] = []
+    per_run = MAX_FETCH // BLOCK
+    for block in sorted(blocks):
+        if runs and block == runs[-1][1] + 1 and block - runs[-1][0] < per_run:
+            runs[-1] = (runs[-1][0], block)
+        else:
+            runs.append((block, block))
+    return runs

@@ -1,0 +1,174 @@
+"""The persistent block cache over an in-memory 'remote' that counts its requests."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import trio
+
+from overlaybd_py.engine.block_cache import BLOCK, BlockCache
+from overlaybd_py.engine.source import MemorySource
+from overlaybd_py.errors import UsageError
+
+DIGEST = "sha256:" + "ab" * 32
+
+
+class CountingSource(MemorySource):
+    def __init__(self, data: bytes, delay: float = 0.0) -> None:
+        super().__init__(data)
+        self.requests: list[tuple[int, int]] = []
+        self.delay = delay
+
+    async def read_at(self, offset: int, length: int) -> bytes:
+        self.requests.append((offset, length))
+        if self.delay:
+            await trio.sleep(self.delay)
+        return await super().read_at(offset, length)
+
+
+@pytest.fixture
+def blob() -> bytes:
+    return random.Random(1).randbytes(3 * 1024 * 1024 + 1234)  # not a multiple of BLOCK
+
+
+async def read_random(source, blob: bytes, count: int, seed: int) -> None:
+    rnd = random.Random(seed)
+    for _ in range(count):
+        offset = rnd.randrange(len(blob))
+        length = min(rnd.choice((1, 100, 4096, 10_000, 300_000)), len(blob) - offset)
+        assert await source.read_at(offset, length) == blob[offset : offset + length]
+
+
+def test_hits_after_first_read_and_after_reopen(tmp_path, blob):
+    async def main():
+        remote = CountingSource(blob)
+        cache = BlockCache.open(tmp_path, 0)
+        source = cache.source(remote, DIGEST)
+        await read_random(source, blob, 200, 1)
+        fetched = len(remote.requests)
+        assert fetched > 0
+        await read_random(source, blob, 200, 1)  # same reads: all cached
+        assert len(remote.requests) == fetched
+        stats = cache.statistics()
+        assert stats.hits > 0 and stats.bytes_fetched > 0 and stats.size > 0
+        cache.close()
+        # A new process (new cache object) finds everything on disk.
+        remote2 = CountingSource(blob)
+        cache = BlockCache.open(tmp_path, 0)
+        await read_random(cache.source(remote2, DIGEST), blob, 200, 1)
+        assert remote2.requests == []
+        assert [b.digest for b in cache.list_blobs()] == [DIGEST]
+        cache.close()
+
+    trio.run(main)
+
+
+def test_concurrent_readers_share_one_fetch(tmp_path, blob):
+    async def main():
+        remote = CountingSource(blob, delay=0.05)
+        cache = BlockCache.open(tmp_path, 0)
+        source = cache.source(remote, DIGEST)
+        results = []
+
+        async def reader():
+            results.append(await source.read_at(10_000, 8192))
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(8):
+                nursery.start_soon(reader)
+        assert results == [blob[10_000:18_192]] * 8
+        assert len(remote.requests) == 1
+        cache.close()
+
+    trio.run(main)
+
+
+def test_coalescing_and_readahead(tmp_path, blob):
+    async def main():
+        remote = CountingSource(blob)
+        cache = BlockCache.open(tmp_path, 0)
+        source = cache.source(remote, DIGEST)
+        # one read spanning many missing blocks = one request
+        await source.read_at(0, 100 * BLOCK)
+        assert remote.requests == [(0, 100 * BLOCK)]
+        # sequential reads: read-ahead makes later reads hits
+        remote.requests.clear()
+        pos = 200 * BLOCK
+        for _ in range(64):
+            assert await source.read_at(pos, 8192) == blob[pos : pos + 8192]
+            pos += 8192
+        assert len(remote.requests) < 16
+        cache.close()
+
+    trio.run(main)
+
+
+@pytest.mark.allow_log_warnings
+def test_corrupt_entries_are_detected_and_refetched(tmp_path, blob):
+    async def main():
+        remote = CountingSource(blob)
+        cache = BlockCache.open(tmp_path, 0)
+        source = cache.source(remote, DIGEST)
+        await source.read_at(0, len(blob))
+        cache.close()
+        data_path = next((tmp_path / "blobs").glob("*.data"))
+        with open(data_path, "r+b") as f:
+            f.seek(5 * BLOCK + 17)
+            f.write(b"\xff\x00\xee")
+        remote2 = CountingSource(blob)
+        cache = BlockCache.open(tmp_path, 0)
+        source = cache.source(remote2, DIGEST)
+        assert await source.read_at(0, len(blob)) == blob
+        assert remote2.requests == [(5 * BLOCK, BLOCK)]
+        assert cache.statistics().corrupt_blocks == 1
+        cache.close()
+        # a truncated meta file: rebuilt from scratch, reads still right
+        meta_path = next((tmp_path / "blobs").glob("*.meta"))
+        with open(meta_path, "r+b") as f:
+            f.truncate(100)
+        cache = BlockCache.open(tmp_path, 0)
+        remote3 = CountingSource(blob)
+        assert await cache.source(remote3, DIGEST).read_at(0, 5000) == blob[:5000]
+        assert remote3.requests
+        cache.close()
+
+    trio.run(main)
+
+
+def test_size_cap_evicts_lru_and_reads_stay_right(tmp_path):
+    async def main():
+        cap = 2 << 20
+        cache = BlockCache.open(tmp_path, cap)
+        blobs = {}
+        for i in range(3):
+            data = random.Random(i).randbytes(2 << 20)
+            digest = "sha256:" + f"{i:02x}" * 32
+            blobs[digest] = (data, cache.source(CountingSource(data), digest))
+        for _ in range(3):
+            for data, source in blobs.values():
+                await read_random(source, data, 30, 7)
+                assert cache.size() <= cap
+        stats = cache.statistics()
+        assert stats.evictions > 0 and stats.evicted_bytes > 0
+        on_disk = sum(os.stat(p).st_blocks * 512 for p in (tmp_path / "blobs").glob("*.data"))
+        assert on_disk <= cap + (1 << 20)  # holes really punched (fs rounding allowed)
+        cache.close()
+
+    trio.run(main)
+
+
+def test_clear_and_version_check(tmp_path, blob):
+    async def main():
+        cache = BlockCache.open(tmp_path, 0)
+        await cache.source(CountingSource(blob), DIGEST).read_at(0, 10_000)
+        cache.close()
+        cache = BlockCache.open(tmp_path, 0)
+        assert cache.clear() > 0 and cache.list_blobs() == []
+        cache.close()
+
+    trio.run(main)
+    (tmp_path / "VERSION").write_text('{"format": 99, "block_size": 4096}')
+    with pytest.raises(UsageError, match="different cache format"):
+        BlockCache.open(tmp_path, 0)
