@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import trio
 
@@ -73,7 +74,9 @@ async def build_layers(work: str, image: str) -> list[str]:
 
 async def read_back(paths: list[str], image: str, merged_path: str) -> bool:
     blobs = [await FileSource.open(p) for p in paths]
-    layers = [await open_layer(b, key=os.path.basename(p)) for b, p in zip(blobs, paths)]
+    layers = [
+        await open_layer(b, key=os.path.basename(p)) for b, p in zip(blobs, paths, strict=True)
+    ]
     device = LayeredDevice(layers)
     print(f"  merged index: {len(device.merged)} segments over {len(layers)} layers, "
           f"device {device.size >> 20} MiB")
@@ -120,7 +123,7 @@ def main() -> int:
         debugfs = shutil.which("debugfs") or "/usr/sbin/debugfs"
         text = subprocess.run([debugfs, "-R", "cat /etc/hello.txt", merged],
                               capture_output=True, text=True).stdout
-        want = hashlib.sha256(open(f"{files}/data/random.bin", "rb").read()).hexdigest()
+        want = hashlib.sha256(Path(f"{files}/data/random.bin").read_bytes()).hexdigest()
         got = hashlib.sha256(subprocess.run(
             [debugfs, "-R", "cat /data/random.bin", merged], capture_output=True).stdout
         ).hexdigest()

@@ -383,7 +383,12 @@ class CachedSource:
         self._files = cache._open_blob(digest, remote.size)
         self._next_offset = -1
         self._readahead = 0
+        # Per-source counters (the image's share of the cache-wide statistics).
         self.fetch_latencies: list[float] = []  # seconds, one per range request
+        self.bytes_fetched = 0
+        self.requests = 0
+        self.hits = 0  # blocks
+        self.misses = 0  # blocks
 
     async def read_at(self, offset: int, length: int) -> bytes:
         check_range(self, offset, length, self.digest)
@@ -400,6 +405,7 @@ class CachedSource:
             bad = self._check(data, first, last)
             if not bad:
                 self._cache._counters["hits"] += last + 1 - first - fetched
+                self.hits += last + 1 - first - fetched
                 stamp = int(time.time())
                 for region in range(first // REGION_BLOCKS, last // REGION_BLOCKS + 1):
                     files.stamps[region] = stamp
@@ -416,14 +422,16 @@ class CachedSource:
     def _check(self, data: bytes, first: int, last: int) -> list[int]:
         """Blocks whose bytes do not match their recorded CRC (or that are not present)."""
         files = self._files
-        bad = []
+        crcs = files.crcs
+        crc = _accel.crc32c
         view = memoryview(data)
-        for i, block in enumerate(range(first, last + 1)):
-            length = min(BLOCK, self.size - block * BLOCK)
-            chunk = view[i * BLOCK : i * BLOCK + length]
-            if not files.present[block] or _accel.crc32c(chunk, 0) != files.crcs[block]:
-                bad.append(block)
-        return bad
+        bad = [block for block in range(first, last + 1) if not files.present[block]]
+        if bad:
+            return bad
+        # The last block of a blob may be short: the slice is then short too, exactly as it
+        # was when its CRC was recorded.
+        return [block for i, block in enumerate(range(first, last + 1))
+                if crc(view[i * BLOCK : (i + 1) * BLOCK], 0) != crcs[block]]
 
     async def _ensure(self, first: int, last: int, readahead: int) -> int:
         """Make blocks first..last present, fetching missing ones (and read-ahead).
@@ -477,6 +485,9 @@ class CachedSource:
         counters["requests"] += 1
         counters["misses"] += last - first + 1
         counters["bytes_fetched"] += length
+        self.requests += 1
+        self.misses += last - first + 1
+        self.bytes_fetched += length
         written = os.pwrite(files.data_fd, data, offset)
         if written != length:
             raise DeviceError(f"block cache: short write for {self.digest}")

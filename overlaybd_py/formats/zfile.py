@@ -238,11 +238,12 @@ class ZFileIndex:
     ``[starts[i], starts[i+1])`` of the blob (payload plus 4-byte CRC when ``verify``).
     """
 
-    __slots__ = ("chunk_size", "header", "last_length", "starts")
+    __slots__ = ("chunk_size", "header", "last_length", "lengths", "starts")
 
-    def __init__(self, header: ZFileHeader, starts: array) -> None:
+    def __init__(self, header: ZFileHeader, starts: array, lengths: array) -> None:
         self.header = header
         self.starts = starts
+        self.lengths = lengths
         self.chunk_size = header.block_size
         count = header.index_size
         self.last_length = header.original_size - (count - 1) * header.block_size if count else 0
@@ -279,7 +280,7 @@ class ZFileIndex:
                 field="jump table", offset=ht.index_offset, expected=ht.index_offset,
                 actual=starts[-1],
             )
-        return cls(ht, starts)
+        return cls(ht, starts, lengths)
 
     @property
     def chunks(self) -> int:
@@ -313,8 +314,8 @@ class ZFileIndex:
         return self.compressed_span(first, last)
 
     def stored_lengths(self, first: int, last: int) -> array:
-        s = self.starts
-        return array("I", (s[i + 1] - s[i] for i in range(first, last + 1)))
+        """Jump-table lengths of chunks first..last."""
+        return self.lengths[first : last + 1]
 
 
 def decode_chunks(index: ZFileIndex, first: int, buf: bytes | memoryview, count: int) -> bytes:
