@@ -18,7 +18,7 @@ __all__ = ["main"]
 log = logging.getLogger(__name__)
 
 # Command groups, in the order `--help` shows them.
-_GROUPS = ("layer", "image")
+_GROUPS = ("layer", "image", "node")
 
 
 def build_parser() -> argparse.ArgumentParser:

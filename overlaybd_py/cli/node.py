@@ -1,0 +1,304 @@
+"""``overlaybd-py mount|umount|status|cache|daemon``: the node side.
+
+``mount`` hands the image to the node daemon (starting one if none runs) and returns once
+TARGET is mounted; ``--foreground`` serves it from this process until Ctrl-C. ``umount`` and
+``status`` find the serving process from its records under the state directory, and clean
+up what dead ones left behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from ..config import NodeConfig, load_config, parse_size
+from ..control import request, responds
+from ..daemon import (
+    DAEMON_DIR,
+    NodeServer,
+    cleanup_stale,
+    read_records,
+    run_foreground,
+    serve_until_stopped,
+    server_dirs,
+)
+from ..engine.block_cache import BlockCache
+from ..errors import MountError, UsageError
+from ._output import emit_json, emit_table, human_bytes
+from .image import registry_options
+
+__all__ = ["register"]
+
+DAEMON_START_TIMEOUT = 30.0
+
+
+def _node_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("node")
+    group.add_argument("--config", metavar="FILE",
+                       help="node config (default /etc/overlaybd-py/config.toml if present)")
+    group.add_argument("--state-dir", metavar="DIR",
+                       help="run-time state and control sockets (default /run/overlaybd-py)")
+    group.add_argument("--cache-dir", metavar="DIR",
+                       help="block cache directory (default /var/lib/overlaybd-py/cache)")
+    group.add_argument("--cache-size", metavar="SIZE",
+                       help="block cache cap, e.g. 10GiB (default: the config's, else none)")
+
+
+def _config(args: argparse.Namespace) -> NodeConfig:
+    config = load_config(args.config)
+    return config.with_overrides(
+        state_dir=args.state_dir or os.environ.get("OVERLAYBD_PY_STATE_DIR"),
+        cache_dir=args.cache_dir,
+        cache_size=parse_size(args.cache_size, "--cache-size") if args.cache_size else None,
+    )
+
+
+def _daemon_socket(config: NodeConfig) -> str:
+    return str(Path(config.state_dir) / DAEMON_DIR / "control.sock")
+
+
+def _need_root() -> None:
+    if os.geteuid() != 0:
+        raise UsageError("this needs root (FUSE, loop devices and mounts)")
+
+
+def _spawn_daemon(config: NodeConfig, args: argparse.Namespace) -> str:
+    """Start the node daemon in the background; return its control socket once it answers."""
+    sock = _daemon_socket(config)
+    if responds(sock):
+        return sock
+    trio.run(cleanup_stale, config.state_dir)
+    os.makedirs(config.state_dir, mode=0o755, exist_ok=True)
+    log_path = Path(config.state_dir) / "daemon.log"
+    argv = [sys.executable, "-m", "overlaybd_py", "daemon", "--foreground",
+            "--state-dir", config.state_dir, "--cache-dir", config.cache_dir,
+            "--cache-size", str(config.cache_size)]
+    if args.config:
+        argv += ["--config", args.config]
+    with open(log_path, "ab") as log_file:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_file,
+                                stderr=log_file, start_new_session=True)
+    deadline = time.monotonic() + DAEMON_START_TIMEOUT
+    while time.monotonic() < deadline:
+        if responds(sock):
+            return sock
+        if proc.poll() is not None:
+            tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
+            raise MountError("the node daemon exited at start-up:\n  " + "\n  ".join(tail))
+        time.sleep(0.1)
+    proc.terminate()
+    raise MountError(f"the node daemon did not answer within {DAEMON_START_TIMEOUT:.0f} s "
+                     f"(see {log_path})")
+
+
+def _mount_params(args: argparse.Namespace) -> dict[str, Any]:
+    from .image import client_config_from_args
+
+    client = client_config_from_args(args)  # validates the registry flags
+    creds = client.default_credentials
+    return {
+        "ref": args.ref, "target": os.path.abspath(args.target), "rw": args.rw,
+        "upper": os.path.abspath(args.upper) if args.upper else None,
+        "platform": args.platform, "plain_http": args.plain_http,
+        "username": creds.username if creds else None,
+        "password": creds.password if creds else None,
+    }
+
+
+def _report_mount(result: dict[str, Any], args: argparse.Namespace) -> None:
+    if args.json:
+        emit_json(result)
+    else:
+        print(f"mounted {args.ref} at {result['target']} ({result['layers']} layers, "
+              f"{human_bytes(result['size'])} device, via {result['via']})")
+
+
+def _mount(args: argparse.Namespace) -> int:
+    _need_root()
+    if args.upper and not args.rw:
+        raise UsageError("--upper needs --rw")
+    for flag in ("record_trace", "prefetch", "fallback"):
+        if getattr(args, flag, None):
+            raise UsageError(f"--{flag.replace('_', '-')} is not available yet")
+    config = _config(args)
+    params = _mount_params(args)
+    if args.foreground:
+        server_dir = str(Path(config.state_dir) / f"fg-{os.getpid()}")
+        server = NodeServer(config, server_dir, exit_when_idle=True)
+
+        def ready(result: dict[str, Any]) -> None:
+            _report_mount(result, args)
+            print("serving in the foreground; Ctrl-C unmounts", file=sys.stderr, flush=True)
+
+        trio.run(run_foreground, server, params, ready)
+        return 0
+    sock = _spawn_daemon(config, args)
+    _report_mount(request(sock, "mount", **params), args)
+    return 0
+
+
+def _owner_of(config: NodeConfig, target: str) -> tuple[Path, str] | None:
+    real = os.path.realpath(target)
+    for server_dir in server_dirs(config.state_dir):
+        for record in read_records(server_dir):
+            if record.target == real:
+                return server_dir, real
+    return None
+
+
+def _umount(args: argparse.Namespace) -> int:
+    _need_root()
+    config = _config(args)
+    trio.run(cleanup_stale, config.state_dir)
+    owner = _owner_of(config, args.target)
+    if owner is None:
+        raise UsageError(f"{args.target} is not mounted by overlaybd-py "
+                         f"(no record under {config.state_dir})")
+    server_dir, target = owner
+    result = request(str(server_dir / "control.sock"), "umount", target=target)
+    if args.json:
+        emit_json(result)
+    else:
+        kept = f" (writable layer kept in {result['upper']})" if result.get("upper") else ""
+        print(f"unmounted {target}{kept}")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    config = _config(args)
+    cleaned = trio.run(cleanup_stale, config.state_dir) if os.geteuid() == 0 else []
+    mounts: list[dict[str, Any]] = []
+    cache = None
+    for server_dir in server_dirs(config.state_dir):
+        sock = str(server_dir / "control.sock")
+        if not responds(sock):
+            continue
+        answer = request(sock, "status", target=args.target)
+        mounts.extend(answer["mounts"])
+        if server_dir.name == DAEMON_DIR or cache is None:
+            cache = answer.get("cache")
+    if args.target and not mounts:
+        raise UsageError(f"{args.target} is not mounted by overlaybd-py")
+    if args.json:
+        emit_json({"mounts": mounts, "cache": cache, "cleaned_up": cleaned})
+        return 0
+    if cleaned:
+        print(f"cleaned up mounts left by dead servers: {', '.join(cleaned)}")
+    if not mounts:
+        print("no overlaybd-py mounts")
+    for m in mounts:
+        print(f"{m['target']}: {m['image']}")
+        rows = [("bytes read", human_bytes(m["bytes_read"])),
+                ("bytes fetched", human_bytes(m["bytes_fetched"])),
+                ("cache hits / misses", f"{m['cache_hits']} / {m['cache_misses']}"),
+                ("requests", m["requests"]),
+                ("fetch p50 / p99", f"{m['fetch_p50_ms']} / {m['fetch_p99_ms']} ms"),
+                ("writable", m["writable"])]
+        if m["unverified_layers"]:
+            rows.append(("unverified layers", ", ".join(m["unverified_layers"])
+                         + " (plain LSMT: no checksums)"))
+        emit_table([(f"  {k}", v) for k, v in rows])
+    return 0
+
+
+def _cache(args: argparse.Namespace) -> int:
+    config = _config(args)
+    max_size = parse_size(args.max_size, "--max-size") if args.max_size else None
+    sock = _daemon_socket(config)
+    if responds(sock):
+        result = request(sock, "cache", action=args.action, max_size=max_size)
+    else:
+        cache = BlockCache.open(config.cache_dir, config.cache_size)
+        try:
+            if args.action == "ls":
+                from dataclasses import asdict
+
+                result = {"blobs": [asdict(b) for b in cache.list_blobs()],
+                          "size": cache.size(), "capacity": cache.capacity}
+            elif args.action == "gc":
+                limit = max_size if max_size is not None else cache.capacity
+                if not limit:
+                    raise UsageError("cache gc needs a size cap: --max-size or cache_size")
+                result = {"evicted_bytes": cache.evict(limit), "size": cache.size()}
+            else:
+                result = {"freed_bytes": cache.clear(), "size": cache.size()}
+        finally:
+            cache.close()
+    if args.json:
+        emit_json(result)
+    elif args.action == "ls":
+        for blob in result["blobs"]:
+            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(blob["last_access"])) \
+                if blob["last_access"] else "-"
+            print(f"{blob['digest']}  {human_bytes(blob['cached_bytes']):>10} of "
+                  f"{human_bytes(blob['blob_size']):>10}  last used {when}")
+        cap = human_bytes(result["capacity"]) if result["capacity"] else "no cap"
+        print(f"total {human_bytes(result['size'])} ({cap})")
+    elif args.action == "gc":
+        print(f"evicted {human_bytes(result['evicted_bytes'])}; "
+              f"cache now {human_bytes(result['size'])}")
+    else:
+        print(f"freed {human_bytes(result['freed_bytes'])}")
+    return 0
+
+
+def _daemon(args: argparse.Namespace) -> int:
+    _need_root()
+    config = _config(args)
+    if not args.foreground:
+        sock = _spawn_daemon(config, args)
+        print(f"node daemon running (control socket {sock})")
+        return 0
+    server = NodeServer(config, str(Path(config.state_dir) / DAEMON_DIR))
+    trio.run(serve_until_stopped, server)
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("mount", help="mount an image lazily at TARGET")
+    p.add_argument("ref", metavar="REF")
+    p.add_argument("target", metavar="TARGET")
+    p.add_argument("--rw", action="store_true", help="writable: writes go to a local layer")
+    p.add_argument("--upper", metavar="DIR",
+                   help="keep the writable layer's data/index files in DIR (with --rw)")
+    p.add_argument("--platform", metavar="OS/ARCH[/VARIANT]")
+    p.add_argument("--record-trace", metavar="FILE", help=argparse.SUPPRESS)
+    p.add_argument("--prefetch", metavar="FILE", help=argparse.SUPPRESS)
+    p.add_argument("--fallback", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--foreground", action="store_true",
+                   help="serve from this process until Ctrl-C (which unmounts)")
+    p.add_argument("--json", action="store_true")
+    registry_options(p)
+    _node_options(p)
+    p.set_defaults(func=_mount)
+
+    p = subparsers.add_parser("umount", help="unmount TARGET and stop serving it")
+    p.add_argument("target", metavar="TARGET")
+    p.add_argument("--json", action="store_true")
+    _node_options(p)
+    p.set_defaults(func=_umount)
+
+    p = subparsers.add_parser("status", help="what is mounted, what it read and fetched")
+    p.add_argument("target", metavar="TARGET", nargs="?")
+    p.add_argument("--json", action="store_true")
+    _node_options(p)
+    p.set_defaults(func=_status)
+
+    p = subparsers.add_parser("cache", help="list, trim or clear the block cache")
+    p.add_argument("action", choices=("ls", "gc", "clear"))
+    p.add_argument("--max-size", metavar="SIZE", help="gc: evict down to this size")
+    p.add_argument("--json", action="store_true")
+    _node_options(p)
+    p.set_defaults(func=_cache)
+
+    p = subparsers.add_parser("daemon", help="run the node daemon")
+    p.add_argument("--foreground", action="store_true", help="run in this process")
+    _node_options(p)
+    p.set_defaults(func=_daemon)

@@ -1,0 +1,120 @@
+"""Loop device and ext4 mount orchestration (root only), and clean-up of leftovers.
+
+A served image's ``block`` file is attached to a loop device (read-only unless writable)
+and the ext4 inside is mounted at the target. Every step is undone in reverse order, and a
+mount whose server died (a killed process leaves a FUSE mount answering ENOTCONN, a loop
+device and an ext4 mount) can be found from its state record and cleaned.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+
+import trio
+
+from .errors import MountError
+
+__all__ = [
+    "attach_loop",
+    "detach_loop",
+    "is_mountpoint",
+    "loops_backed_by",
+    "mount_ext4",
+    "mounts_under",
+    "unmount",
+]
+
+log = logging.getLogger(__name__)
+
+
+async def _run(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run a system tool without blocking the event loop (the FUSE server lives on it:
+    ``mount`` makes the kernel read the image through us while the tool runs)."""
+    proc = await trio.run_process(list(argv), capture_stdout=True, capture_stderr=True,
+                                  check=False)
+    if check and proc.returncode:
+        err = proc.stderr.decode(errors="replace").strip()
+        raise MountError(f"{' '.join(argv)} failed (exit {proc.returncode}): {err}")
+    return proc
+
+
+async def attach_loop(path: str, *, readonly: bool) -> str:
+    """Attach ``path`` to a free loop device; returns ``/dev/loopN``."""
+    argv = ["losetup", "--find", "--show", "--direct-io=on"]
+    if readonly:
+        argv.append("--read-only")
+    proc = await _run(*argv, path, check=False)
+    if proc.returncode:
+        # Some kernels/filesystems refuse direct I/O on the backing file: fall back.
+        argv.remove("--direct-io=on")
+        proc = await _run(*argv, path)
+    device = proc.stdout.decode().strip()
+    if not device.startswith("/dev/loop"):
+        raise MountError(f"losetup printed {device!r}, expected a loop device")
+    return device
+
+
+async def detach_loop(device: str) -> None:
+    proc = await _run("losetup", "--detach", device, check=False)
+    if proc.returncode and b"No such device" not in proc.stderr:
+        err = proc.stderr.decode(errors="replace").strip()
+        raise MountError(f"losetup --detach {device} failed: {err}")
+
+
+async def mount_ext4(device: str, target: str, *, readonly: bool) -> None:
+    options = "ro,noload" if readonly else "rw"
+    await _run("mount", "-t", "ext4", "-o", options, device, target)
+
+
+async def unmount(target: str, *, lazy: bool = False) -> None:
+    argv = ["umount"] + (["--lazy"] if lazy else []) + [target]
+    await _run(*argv)
+
+
+def _mountinfo() -> list[tuple[str, str]]:
+    """(mount point, source) of every mount, from /proc/self/mountinfo (unescaped)."""
+    out = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            sep = fields.index("-")
+            point = fields[4].encode().decode("unicode_escape")
+            out.append((point, fields[sep + 2]))
+    return out
+
+
+def is_mountpoint(path: str) -> bool:
+    real = os.path.realpath(path)
+    return any(point == real for point, _ in _mountinfo())
+
+
+def mounts_under(path: str) -> list[str]:
+    """Mount points at or below ``path``, deepest first."""
+    real = os.path.realpath(path)
+    points = [p for p, _ in _mountinfo() if p == real or p.startswith(real.rstrip("/") + "/")]
+    return sorted(points, key=len, reverse=True)
+
+
+def source_of(target: str) -> str | None:
+    real = os.path.realpath(target)
+    for point, source in reversed(_mountinfo()):
+        if point == real:
+            return source
+    return None
+
+
+async def loops_backed_by(path: str) -> list[str]:
+    """Loop devices whose backing file is ``path``."""
+    proc = await _run("losetup", "--noheadings", "--output", "NAME,BACK-FILE", "--list",
+                      check=False)
+    devices = []
+    for line in proc.stdout.decode().splitlines():
+        name, _, back = line.strip().partition(" ")
+        back = back.strip()
+        if back.endswith(" (deleted)"):
+            back = back[: -len(" (deleted)")]
+        if back == path:
+            devices.append(name)
+    return devices
