@@ -11,6 +11,7 @@ import argparse
 import logging
 import sys
 
+from ..engine._tasks import unwrap_group
 from ..errors import OverlaybdError
 
 __all__ = ["main"]
@@ -18,7 +19,7 @@ __all__ = ["main"]
 log = logging.getLogger(__name__)
 
 # Command groups, in the order `--help` shows them.
-_GROUPS = ("layer", "image", "node")
+_GROUPS = ("layer", "image", "node", "convert")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,7 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return int(args.func(args) or 0)
+        try:
+            return int(args.func(args) or 0)
+        except BaseExceptionGroup as group:  # a failure inside a trio nursery
+            raise unwrap_group(group) from None
     except OverlaybdError as exc:
         print(f"overlaybd-py: error: {exc}", file=sys.stderr)
         return exc.exit_code

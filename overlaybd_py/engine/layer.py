@@ -8,15 +8,16 @@ LSMT file as a ``BlobSource`` (``lsmt``) plus its trailer and checked index.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..errors import CorruptLayerError, FormatError
 from ..formats import lsmt, tar_wrapper, zfile
 from ..formats.lsmt import HT_SPACE, LsmtHeader, Segments
-from .source import BlobSource, SliceSource
+from .source import BlobSource, FileSource, SliceSource
+from .writable import WritableLayer
 from .zfile_source import DecodedChunkCache, ZFileSource
 
-__all__ = ["Layer", "open_layer"]
+__all__ = ["Layer", "open_layer", "writable_as_layer"]
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,20 @@ async def _peel(blob: BlobSource, key: str, chunk_cache: DecodedChunkCache | Non
             expected=lsmt.MAGIC0, actual=bytes(head[:8]),
         )
     return tar_offset, zsource, inner
+
+
+async def writable_as_layer(layer: WritableLayer, key: str) -> Layer:
+    """A read-only view of a writable layer, usable as a lower before it is sealed.
+
+    Its index maps device sectors to sectors of the data file, which is exactly how a
+    sealed layer's index maps into its LSMT file, so the data file serves as ``lsmt``. The
+    converter stacks layer i+1 on this view while layer i is sealed and compressed.
+    """
+    data = await FileSource.open(layer.paths[0])
+    segments = layer.index.segments()
+    trailer = replace(layer.header, flags=lsmt.FLAG_DATA | lsmt.FLAG_SEALED)
+    return Layer(key=key, blob=data, lsmt=data, header=layer.header, trailer=trailer,
+                 segments=segments)
 
 
 async def open_layer(
