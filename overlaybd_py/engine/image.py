@@ -16,6 +16,7 @@ from functools import partial
 import trio
 
 from ..errors import UnsupportedFormatError
+from ..formats.lsmt import Segments
 from ._tasks import run_concurrently
 from .block_cache import BlockCache, CachedSource
 from .layer import Layer, open_layer
@@ -125,6 +126,10 @@ async def open_image(
                     await remote.aclose()
         raise
     device = LayeredDevice([layer for layer in layers if layer is not None], upper)
+    for layer in device.layers:
+        # The merged index answers every read; the per-layer tables (22 bytes a record)
+        # would only double the memory of a large image.
+        layer.segments = Segments()
     await _check_filesystem(device)
     return OpenImage(device, list(device.layers), [s for s in sources if s is not None],
                      [r for r in remotes if r is not None])
