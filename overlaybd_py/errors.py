@@ -8,6 +8,7 @@
     ├── RegistryError              the registry refused or failed a request
     │   ├── AuthError                credentials missing or rejected
     │   ├── NotFoundError            manifest, blob, tag or repository does not exist
+    │   │   └── NotOverlaybdError          the image has no overlaybd form (nor referrer)
     │   ├── DigestMismatchError      the registry served bytes whose digest is not what we asked for
     │   └── TransientError           worth retrying (5xx, 429, resets); carries retry_after
     ├── DeviceError                a read or write of the virtual device failed (FUSE: EIO)
@@ -24,6 +25,7 @@ __all__ = [
     "FormatError",
     "MountError",
     "NotFoundError",
+    "NotOverlaybdError",
     "OverlaybdError",
     "RegistryError",
     "TransientError",
@@ -118,6 +120,10 @@ class AuthError(RegistryError):
 
 class NotFoundError(RegistryError):
     """The manifest, blob, tag or repository does not exist."""
+
+
+class NotOverlaybdError(NotFoundError):
+    """The image exists but is not an overlaybd image and has no overlaybd referrer."""
 
 
 class DigestMismatchError(RegistryError):

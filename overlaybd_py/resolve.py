@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from .errors import FormatError, NotFoundError, UnsupportedFormatError
+from .errors import FormatError, NotOverlaybdError, UnsupportedFormatError
 from .formats import oci
 from .formats.oci import Descriptor, Index, Manifest, Platform
 from .registry import (
@@ -87,7 +87,7 @@ async def resolve_overlaybd(client: RegistryClient, ref: Reference,
                             platform: Platform | None = None) -> ResolvedImage:
     """Find the overlaybd image for ``ref`` (see the module docstring).
 
-    Raises NotFoundError naming what was checked when there is none.
+    Raises NotOverlaybdError (a NotFoundError) naming what was checked when there is none.
     """
     manifest, index = await client.resolve(ref, platform)
     source_digest = manifest.descriptor.digest
@@ -115,7 +115,7 @@ async def resolve_overlaybd(client: RegistryClient, ref: Reference,
         log.info("%s: using overlaybd referrer %s (found via %s)", ref, found.reference, source)
         return ResolvedImage(ref, source_digest, found.reference, parsed, layers, accel,
                              f"referrer:{source}")
-    raise NotFoundError(
+    raise NotOverlaybdError(
         f"{ref} is not an overlaybd image and has no overlaybd referrer (checked the referrers "
         f"of {', '.join(subjects)} through the referrers API and the sha256-<hex> fallback tag); "
         "convert it with 'overlaybd-py convert --referrer', or mount with --fallback for an "
