@@ -62,8 +62,11 @@ _HEADER = struct.Struct("<16sIIQI128s32sI")
 META_HEADER = 4096
 MAX_FETCH = 4 * 1024 * 1024  # bytes in one range request
 # Read-ahead of sequential readers doubles from 128 KiB up to this: fewer, larger range
-# requests (each costs a round trip and ~1 ms of client CPU whatever its size).
-MAX_READAHEAD = 4 * 1024 * 1024
+# requests. docker-registry spends ~4 ms on every range request whatever its size, so a
+# 256 KiB request runs at ~24 MB/s and a 4 MiB one at ~160 MB/s; 16 MiB of read-ahead split
+# into 4 MiB requests fetched concurrently gave 120-150 MB/s of device reads here, against
+# 80-95 MB/s with 4 MiB and strict "starts where the last read ended" detection.
+MAX_READAHEAD = 16 * 1024 * 1024
 EVICT_TO = 0.9  # evict down to this fraction of the cap
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -384,8 +387,7 @@ class CachedSource:
         self.digest = digest
         self.size = remote.size
         self._files = cache._open_blob(digest, remote.size)
-        self._next_offset = -1
-        self._readahead = 0
+        self._streams = _Streams()
         # Per-source counters (the image's share of the cache-wide statistics).
         self.fetch_latencies: list[float] = []  # seconds, one per range request
         self.bytes_fetched = 0
@@ -397,14 +399,11 @@ class CachedSource:
         check_range(self, offset, length, self.digest)
         if length == 0:
             return b""
-        sequential = offset == self._next_offset
-        self._readahead = (min(max(self._readahead * 2, 128 * 1024), MAX_READAHEAD)
-                           if sequential else 0)
-        self._next_offset = offset + length
+        readahead = self._streams.readahead(offset, length)
         first, last = offset // BLOCK, (offset + length - 1) // BLOCK
         files = self._files
         for attempt in range(3):
-            fetched = await self._ensure(first, last, self._readahead)
+            fetched = await self._ensure(first, last, readahead)
             data = os.pread(files.data_fd, (last + 1 - first) * BLOCK, first * BLOCK)
             bad = self._check(data, first, last)
             if not bad:
@@ -508,6 +507,37 @@ class CachedSource:
         """Forget the cached blocks of a range (a layer above found them bad)."""
         blocks = range(offset // BLOCK, (offset + max(length, 1) - 1) // BLOCK + 1)
         self._cache._forget(self._files, list(blocks))
+
+
+class _Streams:
+    """Sequential-read detection over a few concurrent streams.
+
+    The kernel's read-ahead sends several reads of one sequential stream at once, out of
+    order, and a container reads several files at a time, so "this read starts where the
+    last one ended" is too strict. A read belongs to a stream when it starts near (at most
+    _NEAR before, _GAP after) where the stream got to; each stream's read-ahead doubles with
+    every read that continues it.
+    """
+
+    _MAX = 8
+    _NEAR = 4 << 20
+    _GAP = 256 << 10
+
+    def __init__(self) -> None:
+        self._ends: list[list[int]] = []  # [end offset, read-ahead], most recent last
+
+    def readahead(self, offset: int, length: int) -> int:
+        for i, stream in enumerate(self._ends):
+            end, ahead = stream
+            if end - self._NEAR <= offset <= end + self._GAP:
+                stream[0] = max(end, offset + length)
+                stream[1] = min(max(ahead * 2, 128 * 1024), MAX_READAHEAD)
+                self._ends.append(self._ends.pop(i))
+                return stream[1]
+        self._ends.append([offset + length, 0])
+        if len(self._ends) > self._MAX:
+            self._ends.pop(0)
+        return 0
 
 
 def _runs(blocks: list[int]) -> list[tuple[int, int]]:
