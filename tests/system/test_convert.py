@@ -272,3 +272,21 @@ def test_multi_platform_index_flavours(node, registry, tmp_path):  # noqa: F811
     assert (target / "arch").read_bytes() == b"amd64"
     node.umount(target)
     assert os.path.isdir(target)
+
+
+def test_cached_layers_are_mounted_across_repositories(node, source, registry,  # noqa: F811
+                                                       tmp_path):
+    ref, _image, _oracle = source
+    cache = tmp_path / "convert-cache"
+    convert(node, ref, "--dest", f"{registry.host}/convert/xrepo-a:v1", "--cache-dir",
+            str(cache))
+    mark = registry.log_mark()
+    again = json.loads(convert(node, ref, "--dest", f"{registry.host}/convert/xrepo-b:v1",
+                               "--cache-dir", str(cache)).stdout)
+    assert all(layer["cached"] for layer in again["platforms"][0]["layers"])
+    uploads = [r for r in registry.responses(since=mark)
+               if r.get("http.request.method") in ("POST", "PUT", "PATCH")
+               and "/blobs/uploads/" in r.get("http.request.uri", "")]
+    mounted = [r for r in uploads if "mount=" in r["http.request.uri"]]
+    assert len(mounted) == 3  # every layer blob linked from repository a, none re-uploaded
+    assert not [r for r in uploads if r.get("http.request.method") == "PATCH"]
