@@ -78,8 +78,11 @@ async def detach_loop(device: str) -> None:
         raise MountError(f"losetup --detach {device} failed: {err}")
 
 
-async def mount_ext4(device: str, target: str, *, readonly: bool) -> None:
+async def mount_ext4(device: str, target: str, *, readonly: bool,
+                     extra_options: str = "") -> None:
     options = "ro,noload" if readonly else "rw"
+    if extra_options:
+        options += "," + extra_options
     await _run("mount", "-t", "ext4", "-o", options, device, target)
 
 

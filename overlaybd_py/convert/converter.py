@@ -50,6 +50,7 @@ from ..mount import attach_loop, detach_loop, mount_ext4, unmount
 from ..registry import Reference, RegistryClient, push_referrer
 from .layer_cache import CachedLayer, LayerCache, cache_key
 from .manifests import chain_ids, converted_config, converted_manifest, diff_ids, layer_uuid
+from .normalize import normalize_ext4
 from .progress import Progress
 from .source_stream import stream_layer_into
 from .tar_apply import ApplyStatistics, apply_tar
@@ -59,6 +60,7 @@ __all__ = ["ConvertOptions", "Converter"]
 log = logging.getLogger(__name__)
 
 GIB = 1 << 30
+NORMALIZED_TIME = 1_700_000_000  # what "now" becomes in converted filesystems
 _ATTESTATION = "vnd.docker.reference.type"
 
 
@@ -271,10 +273,14 @@ class Converter:
                 loop = await attach_loop(str(self.work / "fuse" / name / "block"),
                                          readonly=False)
                 try:
-                    await mount_ext4(loop, str(target), readonly=False)
+                    # nodelalloc: blocks are allocated by the (pinned) applier thread, in tar
+                    # order, not later by writeback threads: reproducible placement.
+                    await mount_ext4(loop, str(target), readonly=False,
+                                     extra_options="nodelalloc,noatime")
                     try:
                         self.progress.phase(i, "apply", layer.source.size)
-                        consume = partial(apply_tar, root=str(target), layer=layer.source.digest,
+                        consume = partial(_pinned_apply, root=str(target),
+                                          layer=layer.source.digest,
                                           vsize_limit=self.options.vsize)
                         layer.stats = await stream_layer_into(
                             self.client, ref, layer.source, consume,
@@ -283,6 +289,7 @@ class Converter:
                         await unmount(str(target))
                 finally:
                     await detach_loop(loop)
+                await normalize_ext4(device, timestamp=NORMALIZED_TIME)
             finally:
                 self.fs.remove(name)
             await upper.fsync()
@@ -408,6 +415,17 @@ class Converter:
 
 _LAYER_TYPES = frozenset({oci.OCI_LAYER, oci.OCI_LAYER_GZIP, oci.OCI_LAYER_ZSTD,
                           oci.DOCKER_LAYER, oci.DOCKER_LAYER_GZIP})
+
+
+def _pinned_apply(stream, **kwargs) -> ApplyStatistics:
+    """apply_tar on one CPU: ext4 picks block groups per CPU for small files, so a thread
+    that migrates between CPUs would place them differently from run to run."""
+    previous = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(previous)})
+    try:
+        return apply_tar(stream, **kwargs)
+    finally:
+        os.sched_setaffinity(0, previous)
 
 
 def _config_platform(config: dict[str, Any]) -> Platform:

@@ -88,7 +88,7 @@ class _Applier:
 
     def touch(self, directory: str) -> None:
         """Remember a directory's mtime before this layer changes its entries."""
-        if directory not in self.kept_times and directory != self.root:
+        if directory not in self.kept_times:
             self.kept_times[directory] = os.lstat(directory).st_mtime_ns
 
     def error(self, entry: str, message: str) -> LayerApplyError:
