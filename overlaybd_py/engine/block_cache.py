@@ -166,6 +166,7 @@ class BlockCache:
         self.root = root
         self.capacity = capacity
         self._blobs: dict[str, _BlobFiles] = {}
+        self._users: dict[str, int] = {}  # open CachedSources per digest
         self._size = 0  # bytes present in the blobs this process has opened or scanned
         self._sizes: dict[str, int] = {}  # digest -> present bytes, for blobs not opened
         self._counters = dict(hits=0, misses=0, bytes_fetched=0, bytes_served=0, requests=0,
@@ -255,8 +256,26 @@ class BlockCache:
             path.unlink(missing_ok=True)
 
     def source(self, remote: BlobSource, digest: str) -> CachedSource:
-        """A ``BlobSource`` serving ``remote``'s bytes through this cache."""
-        return CachedSource(self, remote, digest)
+        """A ``BlobSource`` serving ``remote``'s bytes through this cache; ``aclose`` it
+        when done, so the blob's files are closed once no source reads it."""
+        source = CachedSource(self, remote, digest)
+        self._users[digest] = self._users.get(digest, 0) + 1
+        return source
+
+    def _release(self, digest: str) -> None:
+        """One source of ``digest`` closed. Closing the last one closes the blob's files
+        (its entry stays on disk), so an unmounted image pins neither descriptors nor
+        entries that ``clear`` would keep."""
+        users = self._users.get(digest, 0) - 1
+        if users > 0:
+            self._users[digest] = users
+            return
+        self._users.pop(digest, None)
+        files = self._blobs.get(digest)
+        if files is not None and not files.inflight:
+            del self._blobs[digest]
+            files.meta.flush()
+            files.close()
 
     # -- accounting and eviction --------------------------------------------------------------
 
@@ -389,6 +408,7 @@ class CachedSource:
         self._files = cache._open_blob(digest, remote.size)
         self._streams = _Streams()
         # Per-source counters (the image's share of the cache-wide statistics).
+        self._closed = False
         self.fetch_latencies: list[float] = []  # seconds, one per range request
         self.bytes_fetched = 0
         self.requests = 0
@@ -502,6 +522,12 @@ class CachedSource:
                 newly += 1
             files.present[block] = 1  # published last
         self._cache._added(files, newly * BLOCK)
+
+    async def aclose(self) -> None:
+        """Stop reading through the cache (the remote is not closed: it is not ours)."""
+        if not self._closed:
+            self._closed = True
+            self._cache._release(self.digest)
 
     async def invalidate(self, offset: int, length: int) -> None:
         """Forget the cached blocks of a range (a layer above found them bad)."""
