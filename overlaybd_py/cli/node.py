@@ -2,15 +2,16 @@
 
 ``mount`` hands the image to the node daemon (starting one if none runs) and returns once
 TARGET is mounted; ``--foreground`` serves it from this process until Ctrl-C. ``umount`` and
-``status`` find the serving process from its records under the state directory, and clean
-up what dead ones left behind.
+``status`` find the serving process from its records under the state directory and clean up
+what dead foreground servers left behind. A stopped node daemon's mounts are left for its
+next start, which re-serves them; ``status`` lists them as ``unserved`` and ``umount``
+removes one directly.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -19,27 +20,27 @@ from typing import Any
 import trio
 
 from ..config import NodeConfig, load_config, parse_size
-from ..control import request, responds
+from ..control import ensure_daemon, request, responds
 from ..daemon import (
     DAEMON_DIR,
     NodeServer,
     cleanup_stale,
     read_records,
+    remove_unserved,
     run_foreground,
     serve_until_stopped,
     server_dirs,
 )
 from ..engine.block_cache import BlockCache
-from ..errors import MountError, UsageError
+from ..errors import UsageError
 from ._output import emit_json, emit_table, human_bytes
 from .image import registry_options
 
-__all__ = ["register"]
-
-DAEMON_START_TIMEOUT = 30.0
+__all__ = ["node_config", "node_options", "register"]
 
 
-def _node_options(parser: argparse.ArgumentParser) -> None:
+def node_options(parser: argparse.ArgumentParser) -> None:
+    """The flags that locate a node: config file, state and cache directories."""
     group = parser.add_argument_group("node")
     group.add_argument("--config", metavar="FILE",
                        help="node config (default /etc/overlaybd-py/config.toml if present)")
@@ -51,7 +52,8 @@ def _node_options(parser: argparse.ArgumentParser) -> None:
                        help="block cache cap, e.g. 10GiB (default: the config's, else none)")
 
 
-def _config(args: argparse.Namespace) -> NodeConfig:
+def node_config(args: argparse.Namespace) -> NodeConfig:
+    """The config file named by ``--config`` (or the default) with the flags applied."""
     config = load_config(args.config)
     return config.with_overrides(
         state_dir=args.state_dir or os.environ.get("OVERLAYBD_PY_STATE_DIR"),
@@ -60,42 +62,9 @@ def _config(args: argparse.Namespace) -> NodeConfig:
     )
 
 
-def _daemon_socket(config: NodeConfig) -> str:
-    return str(Path(config.state_dir) / DAEMON_DIR / "control.sock")
-
-
 def _need_root() -> None:
     if os.geteuid() != 0:
         raise UsageError("this needs root (FUSE, loop devices and mounts)")
-
-
-def _spawn_daemon(config: NodeConfig, args: argparse.Namespace) -> str:
-    """Start the node daemon in the background; return its control socket once it answers."""
-    sock = _daemon_socket(config)
-    if responds(sock):
-        return sock
-    trio.run(cleanup_stale, config.state_dir)
-    os.makedirs(config.state_dir, mode=0o755, exist_ok=True)
-    log_path = Path(config.state_dir) / "daemon.log"
-    argv = [sys.executable, "-m", "overlaybd_py", "daemon", "--foreground",
-            "--state-dir", config.state_dir, "--cache-dir", config.cache_dir,
-            "--cache-size", str(config.cache_size)]
-    if args.config:
-        argv += ["--config", args.config]
-    with open(log_path, "ab") as log_file:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_file,
-                                stderr=log_file, start_new_session=True)
-    deadline = time.monotonic() + DAEMON_START_TIMEOUT
-    while time.monotonic() < deadline:
-        if responds(sock):
-            return sock
-        if proc.poll() is not None:
-            tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
-            raise MountError("the node daemon exited at start-up:\n  " + "\n  ".join(tail))
-        time.sleep(0.1)
-    proc.terminate()
-    raise MountError(f"the node daemon did not answer within {DAEMON_START_TIMEOUT:.0f} s "
-                     f"(see {log_path})")
 
 
 def _mount_params(args: argparse.Namespace) -> dict[str, Any]:
@@ -127,7 +96,7 @@ def _mount(args: argparse.Namespace) -> int:
     for flag in ("record_trace", "prefetch", "fallback"):
         if getattr(args, flag, None):
             raise UsageError(f"--{flag.replace('_', '-')} is not available yet")
-    config = _config(args)
+    config = node_config(args)
     params = _mount_params(args)
     if args.foreground:
         server_dir = str(Path(config.state_dir) / f"fg-{os.getpid()}")
@@ -139,7 +108,7 @@ def _mount(args: argparse.Namespace) -> int:
 
         trio.run(run_foreground, server, params, ready)
         return 0
-    sock = _spawn_daemon(config, args)
+    sock = ensure_daemon(config, args.config)
     _report_mount(request(sock, "mount", **params), args)
     return 0
 
@@ -155,14 +124,24 @@ def _owner_of(config: NodeConfig, target: str) -> tuple[Path, str] | None:
 
 def _umount(args: argparse.Namespace) -> int:
     _need_root()
-    config = _config(args)
-    trio.run(cleanup_stale, config.state_dir)
+    config = node_config(args)
+    trio.run(lambda: cleanup_stale(config.state_dir, daemon=False))
     owner = _owner_of(config, args.target)
     if owner is None:
         raise UsageError(f"{args.target} is not mounted by overlaybd-py "
                          f"(no record under {config.state_dir})")
     server_dir, target = owner
-    result = request(str(server_dir / "control.sock"), "umount", target=target)
+    sock = str(server_dir / "control.sock")
+    removed = None
+    if server_dir.name == DAEMON_DIR and not responds(sock):
+        # The node daemon is stopped: remove the mount it would re-serve at its next start.
+        removed = trio.run(remove_unserved, config, target)
+        if removed is None:  # a daemon was starting after all: it serves the mount now
+            sock = ensure_daemon(config, args.config)
+    if removed is not None:
+        result = {"target": target, "upper": removed.upper if removed.keep_upper else None}
+    else:
+        result = request(sock, "umount", target=target)
     if args.json:
         emit_json(result)
     else:
@@ -172,29 +151,43 @@ def _umount(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    config = _config(args)
-    cleaned = trio.run(cleanup_stale, config.state_dir) if os.geteuid() == 0 else []
+    config = node_config(args)
+    cleaned = []
+    if os.geteuid() == 0:
+        cleaned = trio.run(lambda: cleanup_stale(config.state_dir, daemon=False))
     mounts: list[dict[str, Any]] = []
+    unserved: list[dict[str, Any]] = []
+    target = os.path.realpath(args.target) if args.target else None
     cache = None
     for server_dir in server_dirs(config.state_dir):
         sock = str(server_dir / "control.sock")
         if not responds(sock):
+            # A stopped node daemon: its mounts wait for its next start.
+            unserved.extend({"image": r.ref, "target": r.target, "writable": not r.readonly,
+                             "owner": r.owner}
+                            for r in read_records(server_dir)
+                            if target is None or r.target == target)
             continue
         answer = request(sock, "status", target=args.target)
         mounts.extend(answer["mounts"])
         if server_dir.name == DAEMON_DIR or cache is None:
             cache = answer.get("cache")
-    if args.target and not mounts:
+    if args.target and not mounts and not unserved:
         raise UsageError(f"{args.target} is not mounted by overlaybd-py")
     if args.json:
-        emit_json({"mounts": mounts, "cache": cache, "cleaned_up": cleaned})
+        emit_json({"mounts": mounts, "unserved": unserved, "cache": cache,
+                   "cleaned_up": cleaned})
         return 0
     if cleaned:
         print(f"cleaned up mounts left by dead servers: {', '.join(cleaned)}")
-    if not mounts:
+    for m in unserved:
+        print(f"{m['target']}: {m['image']} (node daemon stopped: reads fail until it "
+              "starts again and re-serves it)")
+    if not mounts and not unserved:
         print("no overlaybd-py mounts")
     for m in mounts:
-        print(f"{m['target']}: {m['image']}")
+        state = "" if m.get("state", "serving") == "serving" else f" ({m['state']})"
+        print(f"{m['target']}: {m['image']}{state}")
         rows = [("bytes read", human_bytes(m["bytes_read"])),
                 ("bytes fetched", human_bytes(m["bytes_fetched"])),
                 ("cache hits / misses", f"{m['cache_hits']} / {m['cache_misses']}"),
@@ -209,9 +202,9 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _cache(args: argparse.Namespace) -> int:
-    config = _config(args)
+    config = node_config(args)
     max_size = parse_size(args.max_size, "--max-size") if args.max_size else None
-    sock = _daemon_socket(config)
+    sock = config.daemon_socket
     if responds(sock):
         result = request(sock, "cache", action=args.action, max_size=max_size)
     else:
@@ -251,12 +244,12 @@ def _cache(args: argparse.Namespace) -> int:
 
 def _daemon(args: argparse.Namespace) -> int:
     _need_root()
-    config = _config(args)
+    config = node_config(args)
     if not args.foreground:
-        sock = _spawn_daemon(config, args)
+        sock = ensure_daemon(config, args.config)
         print(f"node daemon running (control socket {sock})")
         return 0
-    server = NodeServer(config, str(Path(config.state_dir) / DAEMON_DIR))
+    server = NodeServer(config, config.daemon_dir, daemon=True)
     trio.run(serve_until_stopped, server)
     return 0
 
@@ -276,29 +269,35 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="serve from this process until Ctrl-C (which unmounts)")
     p.add_argument("--json", action="store_true")
     registry_options(p)
-    _node_options(p)
+    node_options(p)
     p.set_defaults(func=_mount)
 
     p = subparsers.add_parser("umount", help="unmount TARGET and stop serving it")
     p.add_argument("target", metavar="TARGET")
     p.add_argument("--json", action="store_true")
-    _node_options(p)
+    node_options(p)
     p.set_defaults(func=_umount)
 
     p = subparsers.add_parser("status", help="what is mounted, what it read and fetched")
     p.add_argument("target", metavar="TARGET", nargs="?")
     p.add_argument("--json", action="store_true")
-    _node_options(p)
+    node_options(p)
     p.set_defaults(func=_status)
 
     p = subparsers.add_parser("cache", help="list, trim or clear the block cache")
     p.add_argument("action", choices=("ls", "gc", "clear"))
     p.add_argument("--max-size", metavar="SIZE", help="gc: evict down to this size")
     p.add_argument("--json", action="store_true")
-    _node_options(p)
+    node_options(p)
     p.set_defaults(func=_cache)
 
-    p = subparsers.add_parser("daemon", help="run the node daemon")
-    p.add_argument("--foreground", action="store_true", help="run in this process")
-    _node_options(p)
+    p = subparsers.add_parser(
+        "daemon", help="run the node daemon",
+        description="Run the node daemon: it serves every image of the node over one FUSE "
+        "mount and one block cache, answers the control API and, if configured, metrics. "
+        "SIGTERM stops it keeping its mounts, which the next start re-serves.")
+    p.add_argument("--foreground", action="store_true",
+                   help="run in this process (what a service manager wants); without it, "
+                   "start it in the background unless one runs, and return")
+    node_options(p)
     p.set_defaults(func=_daemon)

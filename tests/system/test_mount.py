@@ -182,7 +182,8 @@ def test_writable_upper_commit_push_remount(node, rich_image, registry, tmp_path
     node.umount(target2)
 
 
-def test_killed_daemon_is_cleaned_up_by_the_next_command(node, rich_image, tmp_path):
+def test_killed_daemon_mounts_are_re_served_by_its_next_start(node, rich_image, tmp_path):
+    # (The restart contract itself is tested in test_daemon_restart.py.)
     ref, _raw, _layers = rich_image
     target = tmp_path / "target"
     node.mount(ref, target)
@@ -196,11 +197,16 @@ def test_killed_daemon_is_cleaned_up_by_the_next_command(node, rich_image, tmp_p
             break
         time.sleep(0.05)
     status = node.status()
-    assert status["mounts"] == [] and str(target) in status["cleaned_up"]
-    assert not is_mountpoint(str(target)) and _loops_backed_by(node.state) == []
-    node.mount(ref, target)  # and the node works again
+    assert status["mounts"] == [] and [m["target"] for m in status["unserved"]] == [str(target)]
+    node.mount(ref, tmp_path / "other")  # starts the daemon, which re-serves the first mount
+    deadline = time.monotonic() + 60
+    while node.mount_status(target)["state"] != "serving":
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
     assert (target / "etc" / "hello.txt").exists()
     node.umount(target)
+    node.umount(tmp_path / "other")
+    assert not is_mountpoint(str(target)) and _loops_backed_by(node.state) == []
 
 
 def test_foreground_mount_cleans_up_on_sigint(node, rich_image, tmp_path):
