@@ -21,6 +21,7 @@ import trio
 
 from ..config import NodeConfig, load_config, parse_size
 from ..control import ensure_daemon, request, responds
+from ..convert.unpack import UnpackResult, unpack_image
 from ..daemon import (
     DAEMON_DIR,
     NodeServer,
@@ -31,10 +32,13 @@ from ..daemon import (
     serve_until_stopped,
     server_dirs,
 )
+from ..engine._tasks import unwrap_group
 from ..engine.block_cache import BlockCache
-from ..errors import UsageError
+from ..errors import NotOverlaybdError, UsageError
+from ..formats.oci import Platform
+from ..registry import Reference
 from ._output import emit_json, emit_table, human_bytes
-from .image import registry_options
+from .image import client_from_args, registry_options
 
 __all__ = ["node_config", "node_options", "register"]
 
@@ -93,9 +97,46 @@ def _mount(args: argparse.Namespace) -> int:
     _need_root()
     if args.upper and not args.rw:
         raise UsageError("--upper needs --rw")
-    for flag in ("record_trace", "prefetch", "fallback"):
+    for flag in ("record_trace", "prefetch"):
         if getattr(args, flag, None):
             raise UsageError(f"--{flag.replace('_', '-')} is not available yet")
+    try:
+        try:
+            return _mount_lazily(args)
+        except BaseExceptionGroup as group:
+            raise unwrap_group(group) from None
+    except NotOverlaybdError as exc:
+        if not args.fallback:
+            raise
+        print(f"{exc}\n--fallback: pulling and unpacking it instead", file=sys.stderr)
+        return _unpack_fallback(args)
+
+
+def _unpack_fallback(args: argparse.Namespace) -> int:
+    """An ordinary full pull into TARGET (a plain directory, not a mount)."""
+    target = os.path.abspath(args.target)
+    if not os.path.isdir(target):
+        raise UsageError(f"mount target {target} is not a directory")
+    if os.listdir(target):
+        raise UsageError(f"--fallback unpacks into TARGET, which must be empty: {target}")
+    platform = Platform.from_spec(args.platform) if args.platform else None
+
+    async def main() -> UnpackResult:
+        async with await client_from_args(args) as client:
+            return await unpack_image(client, Reference.parse(args.ref), target, platform)
+
+    result = trio.run(main)
+    if args.json:
+        emit_json({"target": target, "fallback": True, "digest": result.digest,
+                   "layers": result.layers, "bytes_downloaded": result.bytes_downloaded})
+    else:
+        print(f"unpacked {args.ref} ({result.layers} layers, "
+              f"{human_bytes(result.bytes_downloaded)} downloaded) into {target}: a plain "
+              "directory, not a lazy mount (remove it with rm -rf; umount does not apply)")
+    return 0
+
+
+def _mount_lazily(args: argparse.Namespace) -> int:
     config = node_config(args)
     params = _mount_params(args)
     if args.foreground:
@@ -264,7 +305,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--platform", metavar="OS/ARCH[/VARIANT]")
     p.add_argument("--record-trace", metavar="FILE", help=argparse.SUPPRESS)
     p.add_argument("--prefetch", metavar="FILE", help=argparse.SUPPRESS)
-    p.add_argument("--fallback", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--fallback", action="store_true",
+                   help="if the image has no overlaybd form, pull and unpack it into TARGET")
     p.add_argument("--foreground", action="store_true",
                    help="serve from this process until Ctrl-C (which unmounts)")
     p.add_argument("--json", action="store_true")

@@ -93,13 +93,19 @@ def test_coalescing_and_readahead(tmp_path, blob):
         # one read spanning many missing blocks = one request
         await source.read_at(0, 100 * BLOCK)
         assert remote.requests == [(0, 100 * BLOCK)]
-        # sequential reads: read-ahead makes later reads hits
+        # sequential reads: once a stream has read 512 KiB, read-ahead makes later reads hits
         remote.requests.clear()
-        pos = 200 * BLOCK
-        for _ in range(64):
-            assert await source.read_at(pos, 8192) == blob[pos : pos + 8192]
-            pos += 8192
-        assert len(remote.requests) < 16
+        pos = 120 * BLOCK
+        for _ in range(40):
+            assert await source.read_at(pos, 65536) == blob[pos : pos + 65536]
+            pos += 65536
+        assert len(remote.requests) < 14
+        # scattered small reads fetch only what they read: no read-ahead
+        remote.requests.clear()
+        for k in range(20):
+            offset = (2500 << 10) + k * 30_000
+            await source.read_at(offset, 100)
+        assert sum(n for _, n in remote.requests) <= 20 * 2 * BLOCK
         cache.close()
 
     trio.run(main)

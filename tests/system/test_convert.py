@@ -292,3 +292,17 @@ def test_cached_layers_are_mounted_across_repositories(node, source, registry,  
     mounted = [r for r in uploads if "mount=" in r["http.request.uri"]]
     assert len(mounted) == 3  # every layer blob linked from repository a, none re-uploaded
     assert not [r for r in uploads if r.get("http.request.method") == "PATCH"]
+
+
+def test_mount_fallback_unpacks_an_ordinary_image(node, registry, tmp_path):  # noqa: F811
+    tars = feature_layers()
+    image = write_layout(tmp_path / "layout", tars)
+    ref = push_layout(image, registry.host, "convert/plain:v1")
+    oracle = umoci_unpack(image, tmp_path / "bundle")
+    target = tmp_path / "target"
+    proc = node.mount(ref, target, check=False)
+    assert proc.returncode == 1 and "no overlaybd referrer" in proc.stderr
+    assert "--fallback" in proc.stderr
+    proc = node.mount(ref, target, "--fallback")
+    assert "not a lazy mount" in proc.stdout
+    _compare_with_oracle(target, oracle)
