@@ -22,6 +22,9 @@ _INLINE_READ = 256 * 1024
 
 @runtime_checkable
 class BlobSource(Protocol):
+    """Anything that provides the bytes of a blob: ``size`` and ``read_at``, which returns
+    exactly ``length`` bytes from ``offset`` or raises (a short read is never data)."""
+
     size: int
 
     async def read_at(self, offset: int, length: int) -> bytes: ...
