@@ -523,6 +523,21 @@ class CachedSource:
             files.present[block] = 1  # published last
         self._cache._added(files, newly * BLOCK)
 
+    @property
+    def remote(self) -> BlobSource:
+        """The source misses are fetched from (a trace recorder observes its reads)."""
+        return self._remote
+
+    async def fill(self, offset: int, length: int) -> int:
+        """Make the blocks of ``[offset, offset+length)`` present without reading them back
+        and without read-ahead: the prefetcher's entry (``read_at`` would take its ordered
+        spans for a sequential reader and fetch far beyond them). Shares in-flight fetches
+        with concurrent readers. Returns the blocks this call fetched."""
+        check_range(self, offset, length, self.digest)
+        if length == 0:
+            return 0
+        return await self._ensure(offset // BLOCK, (offset + length - 1) // BLOCK, 0)
+
     async def aclose(self) -> None:
         """Stop reading through the cache (the remote is not closed: it is not ours)."""
         if not self._closed:
