@@ -82,6 +82,8 @@ def _mount_params(args: argparse.Namespace) -> dict[str, Any]:
         "platform": args.platform, "plain_http": args.plain_http,
         "username": creds.username if creds else None,
         "password": creds.password if creds else None,
+        "record_trace": os.path.abspath(args.record_trace) if args.record_trace else None,
+        "prefetch": os.path.abspath(args.prefetch) if args.prefetch else None,
     }
 
 
@@ -97,9 +99,11 @@ def _mount(args: argparse.Namespace) -> int:
     _need_root()
     if args.upper and not args.rw:
         raise UsageError("--upper needs --rw")
-    for flag in ("record_trace", "prefetch"):
-        if getattr(args, flag, None):
-            raise UsageError(f"--{flag.replace('_', '-')} is not available yet")
+    if args.prefetch and not os.path.isfile(args.prefetch):
+        raise UsageError(f"--prefetch {args.prefetch}: no such file")
+    if args.record_trace and not os.path.isdir(os.path.dirname(os.path.abspath(
+            args.record_trace))):
+        raise UsageError(f"--record-trace {args.record_trace}: its directory does not exist")
     try:
         try:
             return _mount_lazily(args)
@@ -303,8 +307,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--upper", metavar="DIR",
                    help="keep the writable layer's data/index files in DIR (with --rw)")
     p.add_argument("--platform", metavar="OS/ARCH[/VARIANT]")
-    p.add_argument("--record-trace", metavar="FILE", help=argparse.SUPPRESS)
-    p.add_argument("--prefetch", metavar="FILE", help=argparse.SUPPRESS)
+    p.add_argument("--record-trace", metavar="FILE",
+                   help="record every read until umount (or until FILE.lock is deleted): "
+                   "FILE in the original overlaybd trace format, FILE.jsonl as timed events")
+    p.add_argument("--prefetch", metavar="FILE",
+                   help="replay a trace (or a priority list of paths) into the cache while "
+                   "the image is in use")
     p.add_argument("--fallback", action="store_true",
                    help="if the image has no overlaybd form, pull and unpack it into TARGET")
     p.add_argument("--foreground", action="store_true",

@@ -50,10 +50,13 @@ from ..config import NodeConfig
 from ..control import serve_control
 from ..engine.block_cache import BlockCache
 from ..engine.image import ImageStatistics, LayerBlob, OpenImage, open_image
+from ..engine.prefetch import Prefetcher
 from ..engine.source import BlobSource, FileSource
+from ..engine.trace_recorder import TraceRecorder, attach_recorder
 from ..engine.writable import WritableLayer
 from ..engine.zfile_source import DecodedChunkCache
-from ..errors import AuthError, DigestMismatchError, OverlaybdError, UsageError
+from ..errors import AuthError, DigestMismatchError, FormatError, OverlaybdError, UsageError
+from ..formats import trace as tracefmt
 from ..formats.oci import Platform
 from ..fusefs import BlockFs, serve_blockfs
 from ..metrics import LatencyHistogram, MountStatistics, NodeStatistics, serve_metrics
@@ -88,6 +91,31 @@ class _Served:
     image: OpenImage | None  # None while recovering
     cancel: trio.CancelScope
     histogram: LatencyHistogram = field(default_factory=LatencyHistogram)
+    recorder: TraceRecorder | None = None  # mount --record-trace
+    prefetcher: Prefetcher | None = None  # mount --prefetch, or the acceleration layer
+    # Scopes of this mount's other background tasks (a scope is entered by one task only).
+    scopes: list[trio.CancelScope] = field(default_factory=list)
+
+    def cancel_all(self) -> None:
+        self.cancel.cancel()
+        for scope in self.scopes:
+            scope.cancel()
+
+
+async def _prefetch_source(params: dict[str, Any]
+                           ) -> tracefmt.TraceFile | tracefmt.PriorityList | None:
+    """The ``prefetch`` file of a mount request, decoded (trace or priority list)."""
+    path = params.get("prefetch")
+    if not path:
+        return None
+    try:
+        data = await trio.Path(str(path)).read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read the prefetch file {path}: {exc.strerror}") from None
+    try:
+        return tracefmt.decode_prefetch_input(data)
+    except FormatError as exc:
+        raise UsageError(f"{path} is neither a trace nor a priority list: {exc}") from None
 
 
 class NodeServer:
@@ -192,7 +220,10 @@ class NodeServer:
 
     async def _stop(self) -> None:
         for served in self._served.values():
-            served.cancel.cancel()  # recoveries and background downloads
+            served.cancel_all()  # recoveries, background downloads, prefetches
+            if served.recorder is not None:  # the trace ends here, mount kept or not
+                with trio.CancelScope(shield=True):
+                    await served.recorder.close()
         for target, served in list(self._served.items()):
             try:
                 with trio.CancelScope(shield=True):
@@ -211,6 +242,8 @@ class NodeServer:
         """Unmount a writable mount cleanly at a daemon stop, to mount it again at start."""
         async with self._lock:
             record = served.record
+            if served.recorder is not None:
+                await served.recorder.close()
             await _teardown(record, lazy=False)
             assert self.fs is not None and served.image is not None
             self.fs.remove(record.id)
@@ -289,9 +322,22 @@ class NodeServer:
                                           lambda c: resolve_overlaybd(c, ref, platform))
         image_ref = str(resolved.image)
         specs = [LayerSpec(d.digest, d.size, ref=image_ref) for d in resolved.layers]
+        prefetch = await _prefetch_source(params)
+        accel = resolved.acceleration_layer
+        if prefetch is None and accel is not None:
+            # The image ships a trace (``trace push``): prefetch it. A bad one is not fatal.
+            try:
+                blob = await self._retry_auth(key, ref.api_host,
+                                              lambda c: c.get_blob(resolved.image, accel))
+                prefetch = tracefmt.decode_prefetch_input(
+                    tracefmt.trace_from_acceleration_layer(blob))
+            except FormatError as exc:
+                log.warning("%s: ignoring its acceleration layer %s: %s", ref, accel.digest,
+                            exc)
         result = await self._mount_layers(
             specs, params, name=str(ref), image=image_ref, via=resolved.via,
-            writable=bool(params.get("rw")), upper_dir=params.get("upper"))
+            writable=bool(params.get("rw")), upper_dir=params.get("upper"),
+            prefetch=prefetch)
         log.info("mounted %s (%s via %s) at %s", ref, image_ref, resolved.via, result["target"])
         return result
 
@@ -303,13 +349,15 @@ class NodeServer:
         specs = [LayerSpec.parse(item, f"layers[{i}]") for i, item in enumerate(raw)]
         name = str(params.get("name") or specs[-1].ref or specs[-1].path)
         result = await self._mount_layers(specs, params, name=name, image=specs[-1].digest,
-                                          via="layers", writable=False, upper_dir=None)
+                                          via="layers", writable=False, upper_dir=None,
+                                          prefetch=await _prefetch_source(params))
         log.info("mounted %d layer(s) of %s at %s", len(specs), name, result["target"])
         return result
 
     async def _mount_layers(self, specs: list[LayerSpec], params: dict[str, Any], *, name: str,
-                            image: str, via: str, writable: bool,
-                            upper_dir: str | None) -> dict[str, Any]:
+                            image: str, via: str, writable: bool, upper_dir: str | None,
+                            prefetch: tracefmt.TraceFile | tracefmt.PriorityList | None = None,
+                            ) -> dict[str, Any]:
         target = os.path.realpath(str(params["target"]))
         if upper_dir and not writable:
             raise UsageError("--upper needs --rw")
@@ -332,7 +380,8 @@ class NodeServer:
                 # Loop device and mount are bounded steps; a stop cancelling them halfway
                 # would leak what the undo steps could then not remove.
                 with trio.CancelScope(shield=True):
-                    await self._attach(record, opened)
+                    await self._attach(record, opened, record_trace=params.get("record_trace"),
+                                       prefetch=prefetch)
         except BaseException:
             with trio.CancelScope(shield=True):
                 await opened.aclose()
@@ -340,10 +389,18 @@ class NodeServer:
         return {"id": record.id, "target": target, "image": image, "via": via,
                 "loop": record.loop, "layers": len(specs), "size": opened.device.size}
 
-    async def _attach(self, record: MountRecord, opened: OpenImage) -> None:
+    async def _attach(self, record: MountRecord, opened: OpenImage, *,
+                      record_trace: str | None = None,
+                      prefetch: tracefmt.TraceFile | tracefmt.PriorityList | None = None,
+                      ) -> None:
         """Serve ``opened`` under ``record.id`` and mount it at ``record.target``; fills in
-        and writes the record. Must hold ``self._lock``. Undoes every step on failure."""
+        and writes the record. Must hold ``self._lock``. Undoes every step on failure.
+
+        ``record_trace`` records every read from the first one (the ext4 mount's) on; a
+        trace ``prefetch`` starts before the mount, a priority list (paths) right after.
+        """
         assert self.fs is not None
+        served = _Served(record, opened, trio.CancelScope())
         async with contextlib.AsyncExitStack() as undo:
             if not record.readonly:
                 if record.upper is None:
@@ -352,8 +409,15 @@ class NodeServer:
                 opened.device.upper = _open_upper(record.upper, opened.device.size)
                 if fresh_upper and not record.keep_upper:
                     undo.callback(shutil.rmtree, record.upper, True)
-            self.fs.add(record.id, opened.device)
+            fs_image = self.fs.add(record.id, opened.device)
             undo.callback(self.fs.remove, record.id)
+            undo.callback(served.cancel_all)
+            if record_trace:
+                served.recorder = attach_recorder(opened, fs_image, record_trace)
+                undo.push_async_callback(served.recorder.close)
+                self._start(served, served.recorder.watch_lock)
+            if isinstance(prefetch, tracefmt.TraceFile):
+                self._start_prefetch(served, prefetch)
             record.block = str(self.dir / "fuse" / record.id / "block")
             record.loop = await attach_loop(record.block, readonly=record.readonly)
             undo.push_async_callback(detach_loop, record.loop)
@@ -361,10 +425,39 @@ class NodeServer:
             record.pid, record.suspended = os.getpid(), False
             _write_record(self.dir, record)
             undo.pop_all()
-        served = _Served(record, opened, trio.CancelScope())
+        if isinstance(prefetch, tracefmt.PriorityList):
+            self._start_prefetch(served, prefetch)
         self._served[record.target] = served
         if self.config.download_rate > 0 and self._nursery is not None:
             self._nursery.start_soon(self._download, opened, served.cancel)
+
+    def _start(self, served: _Served, work: Any) -> None:
+        """Run ``work()`` in the server's nursery until it ends or the mount goes away."""
+        scope = trio.CancelScope()
+        served.scopes.append(scope)
+
+        async def run() -> None:
+            with scope:
+                await work()
+
+        assert self._nursery is not None
+        self._nursery.start_soon(run)
+
+    def _start_prefetch(self, served: _Served,
+                        source: tracefmt.TraceFile | tracefmt.PriorityList) -> None:
+        assert served.image is not None
+        prefetcher = Prefetcher(served.image, source,
+                                concurrency=self.config.prefetch_concurrency,
+                                root=served.record.target)
+        served.prefetcher = prefetcher
+
+        async def run() -> None:
+            try:
+                await prefetcher.run()
+            except (OverlaybdError, OSError) as exc:  # planning failed: reads stay on demand
+                log.warning("prefetch for %s stopped: %s", served.record.target, exc)
+
+        self._start(served, run)
 
     # -- recovery after a restart ----------------------------------------------------------------
 
@@ -438,13 +531,16 @@ class NodeServer:
         served = self._served.get(target)
         if served is None:
             raise UsageError(f"{target} is not mounted by this server")
-        served.cancel.cancel()
+        served.cancel_all()
         async with self._lock:
             served = self._served.get(target)  # a recovery may have replaced it meanwhile
             if served is None:
                 raise UsageError(f"{target} is not mounted by this server")
-            served.cancel.cancel()
+            served.cancel_all()
             record = served.record
+            if served.recorder is not None:
+                with trio.CancelScope(shield=True):  # FILE, FILE.jsonl, FILE.ok
+                    await served.recorder.close()
             await _teardown(record, lazy=served.image is None)
             if served.image is not None:
                 assert self.fs is not None
@@ -523,6 +619,11 @@ class NodeServer:
                 "unverified_layers": stats.unverified_layers if stats else [],
                 "device_size": image.device.size if image is not None else 0,
                 "layers": len(record.layers),
+                "prefetch": asdict(served.prefetcher.statistics())
+                if served.prefetcher is not None else None,
+                "trace": {"path": served.recorder.path,
+                          **asdict(served.recorder.statistics())}
+                if served.recorder is not None else None,
             })
         cache = self.cache.statistics() if self.cache else None
         return {"pid": os.getpid(), "server_dir": str(self.dir), "mounts": mounts,
