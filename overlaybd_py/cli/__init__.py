@@ -19,7 +19,7 @@ __all__ = ["main"]
 log = logging.getLogger(__name__)
 
 # Command groups, in the order `--help` shows them.
-_GROUPS = ("layer", "image", "node", "convert", "snapshotter")
+_GROUPS = ("layer", "image", "node", "convert", "trace", "snapshotter", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:
