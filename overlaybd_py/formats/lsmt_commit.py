@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .. import _accel
+from ..errors import UsageError
 from .lsmt import (
     FLAG_DATA,
     FLAG_HEADER,
@@ -20,6 +21,7 @@ from .lsmt import (
     HT_SPACE,
     INVALID_OFFSET,
     MAX_LENGTH,
+    MAX_RO_INDEX_SIZE,
     NULL_UUID,
     SECTOR,
     LsmtHeader,
@@ -90,6 +92,11 @@ def plan_commit(
     for offset, length, moffset, zeroed in merged:
         table.append(offset, length, moffset, zeroed)
     padding = -len(table) % _INDEX_ALIGN
+    if len(table) + padding > MAX_RO_INDEX_SIZE:
+        raise UsageError(
+            f"the layer has {len(table)} segments; a sealed layer holds at most "
+            f"{MAX_RO_INDEX_SIZE} index records including padding (readers refuse more)"
+        )
     for _ in range(padding):
         table.append(INVALID_OFFSET, 0, 0, 0)
     index = _accel.encode_segments(*table.columns())

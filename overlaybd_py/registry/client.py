@@ -592,7 +592,25 @@ class RegistryClient:
         return await self._at_origin(ref, f"GET referrers {ref.repository}", op)
 
 
+# httpcore reads a response 64 KiB per socket receive, and every receive costs a trip
+# through h11 and the event loop: ~3 ms of CPU per MiB of blob. 256 KiB per receive halves
+# that (measured: 4 MiB range reads on loopback, 237 -> 348 MB/s, 3.1 -> 1.7 ms CPU per MiB)
+# and costs nothing for small replies, which come in one short receive anyway. The knob is a
+# class attribute of httpcore's HTTP/1.1 connection, so it is set once, if present.
+_READ_BYTES = 256 * 1024
+
+
+def _tune_httpcore() -> None:
+    try:
+        from httpcore._async.http11 import AsyncHTTP11Connection
+    except ImportError:  # a future httpcore: keep its default
+        return
+    if getattr(AsyncHTTP11Connection, "READ_NUM_BYTES", _READ_BYTES) < _READ_BYTES:
+        AsyncHTTP11Connection.READ_NUM_BYTES = _READ_BYTES
+
+
 def _make_transport(config: ClientConfig) -> httpx.AsyncHTTPTransport:
+    _tune_httpcore()
     # Nagle's algorithm holds back a small write while an earlier one is unacknowledged; with
     # the peer's delayed ACK that is ~40 ms on a request written in two pieces (headers, then
     # body). trio already sets TCP_NODELAY; saying it here keeps it true on any backend and

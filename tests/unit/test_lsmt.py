@@ -175,3 +175,14 @@ def test_writable_log_of_l1(accel):
 def test_pack_rejects_long_user_tag():
     with pytest.raises(ValueError, match="256"):
         LsmtHeader(flags=7, user_tag=b"x" * 257).pack()
+
+
+def test_commit_refuses_more_records_than_a_sealed_layer_may_hold():
+    from overlaybd_py.errors import UsageError
+    from overlaybd_py.formats.lsmt_commit import plan_commit
+
+    table = Segments()
+    for i in range(1_000_001):
+        table.append(2 * i, 1, 8 + i)
+    with pytest.raises(UsageError, match="at most 1000000 index records"):
+        plan_commit(table, virtual_size=1 << 40)
