@@ -8,6 +8,8 @@ concurrently, so opening an N-layer image costs a few round trips, not N times a
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -130,9 +132,24 @@ async def open_image(
         # The merged index answers every read; the per-layer tables (22 bytes a record)
         # would only double the memory of a large image.
         layer.segments = Segments()
+    _return_freed_memory()
     await _check_filesystem(device)
     return OpenImage(device, list(device.layers), [s for s in sources if s is not None],
                      [r for r in remotes if r is not None])
+
+
+def _return_freed_memory() -> None:
+    """Give the heap freed while building the index back to the OS.
+
+    Decoding and merging a large index peaks at several times its final size (raw records,
+    per-layer columns, merged columns); glibc keeps such freed heap mapped, so a daemon would
+    carry the peak for its lifetime. malloc_trim returns it (glibc only; elsewhere a no-op).
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 async def _check_filesystem(device: LayeredDevice) -> None:
