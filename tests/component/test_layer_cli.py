@@ -115,6 +115,8 @@ def test_commit_compressed_variants(tmp_path, args, reference):
         *args)
     ours, theirs = out.read_bytes(), sample_bytes(reference)
     _assert_same_but_payload(ours, theirs)
+    if _accel.BACKEND == "native":  # Debian's liblz4/libzstd compress as the original did
+        assert ours == theirs
     assert cli("layer", "verify", out).returncode == 0
 
 
@@ -126,7 +128,7 @@ def test_compress_variants(tmp_path, algorithm, reference):
     ours, theirs = out.read_bytes(), sample_bytes(reference)
     _assert_same_but_payload(ours, theirs)
     assert ours[:512] == theirs[:512]
-    if algorithm == "zstd" and _accel.BACKEND == "native":
+    if _accel.BACKEND == "native":
         assert ours == theirs
 
 
