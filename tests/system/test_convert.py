@@ -306,3 +306,20 @@ def test_mount_fallback_unpacks_an_ordinary_image(node, registry, tmp_path):  # 
     proc = node.mount(ref, target, "--fallback")
     assert "not a lazy mount" in proc.stdout
     _compare_with_oracle(target, oracle)
+
+
+def test_acr_flavour_referrer_is_found_and_mounted(node, registry, tmp_path):  # noqa: F811
+    tars = [make_tar([{"name": "etc", "type": "dir"}, {"name": "etc/flavour", "data": b"acr"}])]
+    ref = push_layout(write_layout(tmp_path / "layout", tars), registry.host, "convert/acr:v1")
+    summary = json.loads(convert(node, ref, "--referrer", "--flavour", "acr", "--no-cache").stdout)
+    (pushed,) = summary["pushed"]
+    assert pushed["artifactType"] == "application/vnd.azure.artifact.streaming.v1"
+    referrers = json.loads(node.run("image", "referrers", ref, "--plain-http", "--json").stdout)
+    assert referrers["source"] == "fallback-tag"
+    (found,) = referrers["referrers"]
+    assert found["annotations"]["streaming.format"] == "overlaybd"
+    assert found["annotations"]["streaming.platform.arch"] == "amd64"
+    target = tmp_path / "mnt"
+    node.mount(ref, target)
+    assert (target / "etc/flavour").read_bytes() == b"acr"
+    node.umount(target)
