@@ -74,10 +74,19 @@ class LayeredDevice:
         self._check(offset, length)
         self.stats.reads += 1
         self.stats.bytes_read += length
-        out = bytearray(length)
         if self.upper is None:
+            pieces = self.merged.lookup(offset, length)
+            if len(pieces) == 1:
+                # The common case of a read-only image: one layer holds the whole range (or
+                # nobody does). No assembly buffer, no copies.
+                layer, layer_offset, _ = pieces[0]
+                if layer < 0:
+                    return bytes(length)
+                return await self.layers[layer].lsmt.read_at(layer_offset, length)
+            out = bytearray(length)
             await self._read_lower(out, offset, offset, length)
             return bytes(out)
+        out = bytearray(length)
         lower_parts = []
         for piece in self.upper.lookup(offset, length):
             at = piece.offset - offset
