@@ -556,13 +556,16 @@ class _Streams:
     The kernel's read-ahead sends several reads of one sequential stream at once, out of
     order, and a container reads several files at a time, so "this read starts where the
     last one ended" is too strict. A read belongs to a stream when it starts near (at most
-    _NEAR before, _GAP after) where the stream got to; each read that continues a stream
-    doubles its read-ahead, from _FIRST up to MAX_READAHEAD.
+    _NEAR before, _GAP after) where the stream got to. Its read-ahead is what the stream has
+    read so far (at least _FIRST, at most MAX_READAHEAD): a stream that stops early has
+    fetched at most about twice what it read.
 
-    Why so eager: ext4 places the files of a directory next to each other, so a start that
-    imports modules one by one reads a "stream" of neighbouring small files; fetching ahead
-    turns hundreds of round trips into a few (python3 -c "import numpy, pandas" on loopback:
-    3.8 s with read-ahead equal to what a stream read, 5.7 s with none below 512 KiB).
+    Why any read-ahead below a megabyte: ext4 places the files of a directory next to each
+    other, so a start that imports modules one by one reads a "stream" of neighbouring small
+    files; fetching ahead turns hundreds of round trips into a few (python3 -c "import numpy,
+    pandas" on loopback: 5.7 s when read-ahead waited for 512 KiB of a stream, 3.4 s when it
+    doubled per read from 64 KiB, but the doubling fetched more than a whole small image for
+    a start that read a sixth of it).
     """
 
     _MAX = 8
@@ -571,17 +574,17 @@ class _Streams:
     _FIRST = 64 << 10
 
     def __init__(self) -> None:
-        self._streams: list[list[int]] = []  # [end offset, read-ahead], most recent last
+        self._streams: list[list[int]] = []  # [end offset, bytes read], most recent last
 
     def readahead(self, offset: int, length: int) -> int:
         for i, stream in enumerate(self._streams):
-            end, ahead = stream
+            end, done = stream
             if end - self._NEAR <= offset <= end + self._GAP:
                 stream[0] = max(end, offset + length)
-                stream[1] = min(max(2 * ahead, self._FIRST), MAX_READAHEAD)
+                stream[1] = done + length
                 self._streams.append(self._streams.pop(i))
-                return stream[1]
-        self._streams.append([offset + length, 0])
+                return min(max(stream[1], self._FIRST), MAX_READAHEAD)
+        self._streams.append([offset + length, length])
         if len(self._streams) > self._MAX:
             self._streams.pop(0)
         return 0
