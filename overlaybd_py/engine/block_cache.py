@@ -37,9 +37,11 @@ import mmap
 import os
 import struct
 import time
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
+from itertools import islice
 from pathlib import Path
 
 import trio
@@ -49,7 +51,7 @@ from ..errors import DeviceError, UsageError
 from ._tasks import run_concurrently
 from .source import BlobSource, check_range
 
-__all__ = ["BlockCache", "BlockCacheStatistics", "CachedBlobInfo", "CachedSource"]
+__all__ = ["BlockCache", "BlockCacheStatistics", "CachedBlobInfo", "CachedSource", "LatencyLog"]
 
 log = logging.getLogger(__name__)
 
@@ -409,7 +411,7 @@ class CachedSource:
         self._streams = _Streams()
         # Per-source counters (the image's share of the cache-wide statistics).
         self._closed = False
-        self.fetch_latencies: list[float] = []  # seconds, one per range request
+        self.fetch_latencies = LatencyLog()  # seconds, one per range request
         self.bytes_fetched = 0
         self.requests = 0
         self.hits = 0  # blocks
@@ -548,6 +550,41 @@ class CachedSource:
         """Forget the cached blocks of a range (a layer above found them bad)."""
         blocks = range(offset // BLOCK, (offset + max(length, 1) - 1) // BLOCK + 1)
         self._cache._forget(self._files, list(blocks))
+
+
+class LatencyLog(Sequence[float]):
+    """An append-only log of fetch latencies that keeps only the last ``keep`` in memory.
+
+    Indexes are absolute (``len`` counts every value ever appended), so a reader that
+    remembers how far it got can ask for ``log[seen:]`` (the metrics histogram does), while a
+    long-running daemon's memory stays bounded; iteration yields the values kept.
+    """
+
+    def __init__(self, keep: int = 50_000) -> None:
+        self._values: deque[float] = deque(maxlen=keep)
+        self._total = 0
+
+    def append(self, value: float) -> None:
+        self._values.append(value)
+        self._total += 1
+
+    def __len__(self) -> int:
+        return self._total
+
+    def __iter__(self) -> Iterator[float]:
+        return iter(self._values)
+
+    def __getitem__(self, index):  # type: ignore[override]
+        dropped = self._total - len(self._values)
+        if isinstance(index, slice):
+            start, stop, step = index.indices(self._total)
+            first = max(start - dropped, 0)
+            return list(islice(self._values, first, max(stop - dropped, first), step))
+        if index < 0:
+            index += self._total
+        if not dropped <= index < self._total:
+            raise IndexError("latency no longer kept")
+        return self._values[index - dropped]
 
 
 class _Streams:
