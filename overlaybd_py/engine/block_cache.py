@@ -337,6 +337,13 @@ class BlockCache:
         finally:
             fcntl.flock(lock_fd, fcntl.LOCK_UN)
             os.close(lock_fd)
+            # The pass opened every blob on disk; close those no source reads.
+            for digest in [d for d in self._blobs if not self._users.get(d)]:
+                files = self._blobs[digest]
+                if not files.inflight:
+                    del self._blobs[digest]
+                    files.meta.flush()
+                    files.close()
         if evicted:
             log.info("block cache: evicted %d bytes (now %d, cap %d)", evicted, self._size,
                      self.capacity)
