@@ -435,8 +435,5 @@ def _config_platform(config: dict[str, Any]) -> Platform:
 
 
 def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        while block := f.read(4 << 20):
-            h.update(block)
-    return "sha256:" + h.hexdigest()
+        return "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()

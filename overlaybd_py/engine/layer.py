@@ -17,7 +17,7 @@ from .source import BlobSource, FileSource, SliceSource
 from .writable import WritableLayer
 from .zfile_source import DecodedChunkCache, ZFileSource
 
-__all__ = ["Layer", "open_layer", "writable_as_layer"]
+__all__ = ["Layer", "open_layer", "unwrap_tar", "writable_as_layer"]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,17 @@ class Layer:
         return self.zfile is not None and self.zfile.index.header.verify
 
 
+async def unwrap_tar(blob: BlobSource, head: bytes) -> tuple[BlobSource, int | None]:
+    """The payload of a tar-wrapped blob and its offset, or the blob itself and None.
+
+    ``head`` is the blob's first bytes (``tar_wrapper.HEAD_PROBE`` suffice).
+    """
+    if not tar_wrapper.is_tar(head):
+        return blob, None
+    payload = tar_wrapper.find_payload(head, blob.size)
+    return SliceSource(blob, payload.offset, payload.size), payload.offset
+
+
 async def _peel(blob: BlobSource, key: str, chunk_cache: DecodedChunkCache | None):
     """Return (tar payload offset or None, zfile source or None, the LSMT source)."""
     if blob.size < tar_wrapper.BLOCK:
@@ -57,12 +68,8 @@ async def _peel(blob: BlobSource, key: str, chunk_cache: DecodedChunkCache | Non
             expected=f">= {2 * HT_SPACE}", actual=blob.size,
         )
     head = await blob.read_at(0, min(tar_wrapper.HEAD_PROBE, blob.size))
-    tar_offset = None
-    inner: BlobSource = blob
-    if tar_wrapper.is_tar(head):
-        payload = tar_wrapper.find_payload(head, blob.size)
-        tar_offset = payload.offset
-        inner = SliceSource(blob, payload.offset, payload.size)
+    inner, tar_offset = await unwrap_tar(blob, head)
+    if tar_offset is not None:
         head = await inner.read_at(0, min(512, inner.size))
     zsource = None
     if zfile.is_zfile(head):

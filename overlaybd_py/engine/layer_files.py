@@ -15,9 +15,9 @@ from ..errors import FormatError, UsageError
 from ..formats import lsmt, tar_wrapper, zfile
 from ..formats.lsmt_commit import plan_commit
 from ..formats.merged_index import MergedIndex
-from .layer import Layer, open_layer
+from .layer import Layer, open_layer, unwrap_tar
 from .layered import device_size
-from .source import FileSource, SliceSource
+from .source import BlobSource, FileSource
 from .writable import WritableLayer
 from .zfile_source import ZFileSource
 
@@ -156,16 +156,14 @@ def compress_file(in_path: str, out_path: str, *, algorithm: str = "lz4",
         return out.pos
 
 
-async def _open_blob(path: str) -> tuple[FileSource, object]:
+async def _open_blob(path: str) -> tuple[FileSource, BlobSource]:
+    """The file and its (tar-unwrapped) payload."""
     blob = await FileSource.open(path)
     head = await blob.read_at(0, min(tar_wrapper.HEAD_PROBE, blob.size))
-    inner: object = blob
-    if tar_wrapper.is_tar(head):
-        try:
-            payload = tar_wrapper.find_payload(head, blob.size)
-        except FormatError as exc:
-            raise exc.with_digest(path) from None
-        inner = SliceSource(blob, payload.offset, payload.size)
+    try:
+        inner, _ = await unwrap_tar(blob, head)
+    except FormatError as exc:
+        raise exc.with_digest(path) from None
     return blob, inner
 
 

@@ -14,7 +14,9 @@ import trio
 
 from ..errors import DeviceError
 
-__all__ = ["BlobSource", "FileSource", "MemorySource", "SliceSource", "check_range"]
+__all__ = [
+    "BlobSource", "FileSource", "MemorySource", "SliceSource", "check_range", "pread_exact",
+]
 
 # Reads up to this size are served inline: a thread hop costs more than a cached pread.
 _INLINE_READ = 256 * 1024
@@ -36,6 +38,17 @@ def check_range(source: BlobSource, offset: int, length: int, what: str = "blob"
         raise DeviceError(
             f"read of {what} at {offset}+{length} is outside its {source.size} bytes"
         )
+
+
+def pread_exact(fd: int, length: int, offset: int, what: str) -> bytes:
+    """Exactly ``length`` bytes at ``offset`` (pread may return less on some filesystems)."""
+    data = os.pread(fd, length, offset)
+    while len(data) < length:
+        more = os.pread(fd, length - len(data), offset + len(data))
+        if not more:
+            raise DeviceError(f"{what}: short read at {offset}+{length} (file shrank?)")
+        data += more
+    return data
 
 
 class MemorySource:
@@ -68,13 +81,7 @@ class FileSource:
         return cls(fd, os.fstat(fd).st_size, path)
 
     def _pread(self, offset: int, length: int) -> bytes:
-        data = os.pread(self._fd, length, offset)
-        while len(data) < length:  # pread may return less on some filesystems
-            more = os.pread(self._fd, length - len(data), offset + len(data))
-            if not more:
-                raise DeviceError(f"{self.path}: short read at {offset}+{length} (file shrank?)")
-            data += more
-        return data
+        return pread_exact(self._fd, length, offset, self.path)
 
     async def read_at(self, offset: int, length: int) -> bytes:
         check_range(self, offset, length, self.path)

@@ -22,6 +22,7 @@ from ..errors import CorruptLayerError, DeviceError, FormatError, UnsupportedFor
 from ..formats import lsmt
 from ..formats.lsmt import HT_SPACE, MAX_LENGTH, SECTOR, LsmtHeader
 from ..formats.writable_index import WritableIndex
+from .source import pread_exact
 
 __all__ = ["WritableLayer"]
 
@@ -110,7 +111,7 @@ class WritableLayer:
                             "(an unacknowledged write)", index_path, torn)
                 index_size -= torn
                 os.ftruncate(index_fd, index_size)
-            raw = _pread_all(index_fd, index_size - HT_SPACE, HT_SPACE)
+            raw = pread_exact(index_fd, index_size - HT_SPACE, HT_SPACE, index_path)
             log_records = lsmt.parse_writable_log(raw, data_size)
         except BaseException:
             os.close(data_fd)
@@ -201,21 +202,11 @@ class WritableLayer:
         return pieces
 
     def read_data(self, moffset: int, length: int) -> bytes:
-        return _pread_all(self._data_fd, length, moffset)
+        return pread_exact(self._data_fd, length, moffset, self.paths[0])
 
     async def fsync(self) -> None:
         await trio.to_thread.run_sync(os.fsync, self._data_fd)
         await trio.to_thread.run_sync(os.fsync, self._index_fd)
-
-
-def _pread_all(fd: int, length: int, offset: int) -> bytes:
-    data = os.pread(fd, length, offset)
-    while len(data) < length:
-        more = os.pread(fd, length - len(data), offset + len(data))
-        if not more:
-            raise DeviceError(f"short read at {offset}+{length}")
-        data += more
-    return data
 
 
 def _check_headers(data: LsmtHeader, index: LsmtHeader, data_path: str, index_path: str) -> None:

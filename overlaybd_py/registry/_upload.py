@@ -30,7 +30,6 @@ __all__ = ["BlobData", "upload_blob"]
 log = logging.getLogger(__name__)
 
 _OCTET = "application/octet-stream"
-_HASH_BATCH = 4 << 20  # hash files in 4 MiB thread hops
 
 
 class BlobData:
@@ -54,11 +53,8 @@ class BlobData:
         return await trio.to_thread.run_sync(self._hash_file)
 
     def _hash_file(self) -> str:
-        hasher = hashlib.sha256()
         with self._path.open("rb") as f:
-            while piece := f.read(_HASH_BATCH):
-                hasher.update(piece)
-        return "sha256:" + hasher.hexdigest()
+            return "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()
 
     async def read(self, offset: int, length: int) -> bytes:
         if self._bytes is not None:

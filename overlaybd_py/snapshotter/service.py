@@ -135,11 +135,8 @@ def _usage(path: Path) -> tuple[int, int]:
 
 
 def _file_digest(path: Path) -> str:
-    hasher = hashlib.sha256()
     with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            hasher.update(chunk)
-    return f"sha256:{hasher.hexdigest()}"
+        return f"sha256:{hashlib.file_digest(f, 'sha256').hexdigest()}"
 
 
 class SnapshotService:
