@@ -19,6 +19,7 @@ __all__ = [
     "INVALID_OFFSET",
     "backend_module",
     "crc32c",
+    "crc32c_blocks",
     "decode_segments",
     "encode_segments",
     "first_out_of_bounds",
@@ -63,6 +64,7 @@ BACKEND, _impl = _choose()
 FEATURES: frozenset[str] = frozenset(getattr(_impl, "FEATURES", ()))
 
 crc32c = _impl.crc32c
+crc32c_blocks = _impl.crc32c_blocks
 decode_segments = _impl.decode_segments
 encode_segments = _impl.encode_segments
 first_unsorted = _impl.first_unsorted

@@ -25,6 +25,7 @@ import zstandard
 __all__ = [
     "INVALID_OFFSET",
     "crc32c",
+    "crc32c_blocks",
     "decode_segments",
     "encode_segments",
     "first_out_of_bounds",
@@ -63,6 +64,16 @@ def _zstd_decompressor() -> zstandard.ZstdDecompressor:
 def crc32c(data: bytes | bytearray | memoryview, seed: int = 0) -> int:
     """CRC32C with no initial or final inversion, starting from ``seed`` (overlaybd's 'raw')."""
     return ~_crc32c_mod.crc32c(data, ~seed & 0xFFFFFFFF) & 0xFFFFFFFF
+
+
+def crc32c_blocks(data: bytes | bytearray | memoryview, block_size: int) -> bytes:
+    """crc32c(piece, 0) of every ``block_size`` piece of ``data`` (the last may be short), as
+    the bytes of an ``array('I')``: one call for a whole run of cache blocks."""
+    if not isinstance(block_size, int) or block_size <= 0:
+        raise ValueError("block_size must be a positive int")
+    view = memoryview(data).cast("B")
+    return array("I", (crc32c(view[i : i + block_size])
+                       for i in range(0, len(view), block_size))).tobytes()
 
 
 def empty_columns() -> Columns:

@@ -205,6 +205,22 @@ def test_crc32c(native, data, seed):
     assert native._crc32c_portable(data, seed) == _pure.crc32c(data, seed)
 
 
+@FAST
+@given(data=st.binary(max_size=3000), block=st.integers(1, 700))
+def test_crc32c_blocks(native, data, block):
+    got = same(native, "crc32c_blocks", data, block)
+    assert got == same(native, "crc32c_blocks", memoryview(bytearray(data)), block)
+    pieces = [data[i : i + block] for i in range(0, len(data), block)]
+    want = array("I", [_pure.crc32c(p) for p in pieces]).tobytes()
+    assert native.crc32c_blocks(data, block) == want
+
+
+def test_crc32c_blocks_rejects_bad_block_size(native):
+    for block in (0, -4):
+        same(native, "crc32c_blocks", b"abc", block)
+    same(native, "crc32c_blocks", b"abc", "4")
+
+
 def test_crc32c_known_values(native):
     # Standard CRC32C("123456789") is 0xE3069283: raw with seed ~0, inverted at the end.
     for crc in (native.crc32c, native._crc32c_portable, _pure.crc32c):
