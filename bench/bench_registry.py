@@ -255,6 +255,45 @@ def test_alternating_ratios(blob, size_name):
     RESULTS[f"{size_name} alternating"] = trio.run(run)
 
 
+def test_large_ranges_socket_path(blob):
+    """4 MiB range reads (the block cache's fetch size): our client's socket path vs the same
+    client with ``socket_ranges=False`` (httpx carries the body), in alternating batches of
+    one trio run; wall time per read and the process's CPU (all threads) per read."""
+    _server, ref, digest = blob
+    size = 4 << 20
+    offsets = _offsets(size, 8)
+
+    async def run():
+        wall: dict[str, list[float]] = {"ours": [], "ours-httpx-path": []}
+        cpu: dict[str, list[float]] = {"ours": [], "ours-httpx-path": []}
+        configs = {
+            kind: ClientConfig(plain_http=True, use_docker_config=False,
+                               socket_ranges=kind == "ours")
+            for kind in wall
+        }
+        clients = {kind: await RegistryClient.open(c) for kind, c in configs.items()}
+        try:
+            sources = {k: await HttpBlobSource.open(c, ref, digest) for k, c in clients.items()}
+            for source in sources.values():  # warm connections
+                await source.read_at(0, size)
+            for round_no in range(8):
+                for kind in (list(wall) if round_no % 2 else list(wall)[::-1]):
+                    started_cpu = time.process_time()
+                    for offset in offsets:
+                        start = time.perf_counter()
+                        assert len(await sources[kind].read_at(offset, size)) == size
+                        wall[kind].append(time.perf_counter() - start)
+                    cpu[kind].append((time.process_time() - started_cpu) / len(offsets))
+        finally:
+            for client in clients.values():
+                await client.aclose()
+        return wall, cpu
+
+    wall, cpu = trio.run(run)
+    RESULTS["4MiB alternating"] = wall
+    CPU["4MiB alternating"] = {k: statistics.median(v) for k, v in cpu.items()}
+
+
 def test_small_put_nodelay(blob):
     """Requests with a body (manifest PUT): headers and body are two writes, which is where
     Nagle's algorithm can wait for a delayed ACK. Compare ours with TCP_NODELAY on and off."""
@@ -289,7 +328,7 @@ def summary(request):
         return
     rows, report = [], {}
     for scenario, by_client in RESULTS.items():
-        size = 4096 if scenario.startswith("4KiB") else 1024 * 1024
+        size = {"4KiB": 4096, "4MiB": 4 << 20}.get(scenario.split()[0], 1 << 20)
         for kind, samples in by_client.items():
             median = statistics.median(samples)
             mean = statistics.fmean(samples)
@@ -378,6 +417,22 @@ def _ratios(report):
             f"1MiB {inter}",
             "ours",
             "httpx",
+            "client_cpu_us_per_read",
+            "info",
+        ),
+        (
+            "4MiB throughput socket path/httpx path (ours)",
+            "4MiB alternating",
+            "ours",
+            "ours-httpx-path",
+            "throughput_mib_s",
+            "info",
+        ),
+        (
+            "4MiB client CPU socket path/httpx path (ours)",
+            "4MiB alternating",
+            "ours",
+            "ours-httpx-path",
             "client_cpu_us_per_read",
             "info",
         ),

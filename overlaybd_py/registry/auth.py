@@ -215,6 +215,21 @@ class RegistryAuth(httpx.Auth):
             )
             response = yield request
 
+    def ready_authorization(self, method: str, url: str) -> tuple[bool, str | None]:
+        """The Authorization value a request would carry up front, found without I/O.
+
+        (True, value) when known (value None: anonymous); (False, None) when only a token
+        fetch can tell, i.e. the request should go through httpx and this flow."""
+        parsed = httpx.URL(url)
+        host = parsed.netloc.decode("ascii")
+        known = self._challenges.get(host)
+        if known is not None and known.scheme == "bearer":
+            _, token = self._cached(known, scopes_for(method, parsed))
+            return (True, f"Bearer {token}") if token is not None else (False, None)
+        if known is not None and known.scheme == "basic" and host in self._credentials:
+            return True, self._credentials[host].basic_header()
+        return True, None
+
     def _cached(
         self, challenge: Challenge, scopes: tuple[str, ...]
     ) -> tuple[tuple[str, str, tuple[str, ...]], str | None]:

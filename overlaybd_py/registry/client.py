@@ -22,6 +22,7 @@ import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
@@ -52,6 +53,7 @@ from ..formats.oci import (
 )
 from ._http import check_content_range, raise_for_status, read_limited, skip_and_take
 from .auth import Credentials, RegistryAuth, docker_config_credentials
+from .range_sockets import ErrorAnswer, RangeSockets
 from .reference import Reference, select_manifest
 from .retry import RetryPolicy, retry
 
@@ -73,6 +75,9 @@ MANIFEST_ACCEPT = ", ".join((OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_MA
 MAX_MANIFEST_SIZE = 4 * 1024 * 1024
 _OCTET = "application/octet-stream"
 _DRAIN_LIMIT = 64 * 1024
+# Range reads from this size go through RangeSockets: below it the thread hop costs more
+# than the Python it saves.
+SOCKET_RANGE_MIN = 256 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +106,9 @@ class ClientConfig:
     tcp_nodelay: bool = True
     user_agent: str = "overlaybd-py"
     transport: httpx.AsyncBaseTransport | None = None  # tests inject httpx.MockTransport
+    # Large range reads on plain sockets in worker threads (range_sockets.py); off with a
+    # proxy or an injected transport, which only httpx honours.
+    socket_ranges: bool = True
 
     def __post_init__(self) -> None:
         if self.max_parallel < 1:
@@ -120,6 +128,7 @@ class ClientStatistics:
     mirror_fallbacks: int
     token_fetches: int
     ranges_ignored: int
+    socket_ranges: int = 0  # range reads answered on the socket path (range_sockets.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,6 +165,15 @@ class RegistryClient:
         self._config = config
         self._http = http
         self._auth = auth
+        self._sockets: RangeSockets | None = None
+        if config.socket_ranges and config.transport is None and config.proxy is None:
+            self._sockets = RangeSockets(
+                connect_timeout=config.connect_timeout,
+                read_timeout=config.read_timeout,
+                user_agent=config.user_agent,
+                ssl_context=_ssl_context(config),
+                tcp_nodelay=config.tcp_nodelay,
+            )
         self._slots: dict[str, trio.Semaphore] = {}
         self._looked_up: set[str] = set(config.credentials)
         self._cooling: dict[str, float] = {}
@@ -182,6 +200,8 @@ class RegistryClient:
         return cls(config, http, auth)
 
     async def aclose(self) -> None:
+        if self._sockets is not None:
+            self._sockets.close()
         await self._http.aclose()
 
     async def __aenter__(self) -> RegistryClient:
@@ -197,7 +217,8 @@ class RegistryClient:
 
     def statistics(self) -> ClientStatistics:
         return ClientStatistics(
-            self._requests, self._mirror_fallbacks, self._auth.token_fetches, self._ranges_ignored
+            self._requests, self._mirror_fallbacks, self._auth.token_fetches, self._ranges_ignored,
+            self._sockets.served if self._sockets is not None else 0,
         )
 
     # ---- endpoints, credentials, the one place requests are sent ----
@@ -470,6 +491,17 @@ class RegistryClient:
         what = f"blob {digest} range {offset}+{length}"
 
         async def op(endpoint: _Endpoint) -> bytes:
+            if length >= SOCKET_RANGE_MIN and self._sockets is not None:
+                data = await self._socket_range(endpoint, path, offset, length)
+                if isinstance(data, ErrorAnswer):
+                    url = endpoint.base + path
+                    await raise_for_status(httpx.Response(
+                        data.status, headers=data.headers, content=data.body,
+                        request=httpx.Request("GET", url)), what)
+                    raise RegistryError(f"{what}: unexpected HTTP {data.status}",
+                                        status=data.status)
+                if data is not None:
+                    return data
             async with self._exchange(
                 endpoint, "GET", endpoint.base + path, headers=headers
             ) as response:
@@ -493,6 +525,27 @@ class RegistryClient:
             return data
 
         return await self._pull(ref, f"GET {what}", op)
+
+    async def _socket_range(
+        self, endpoint: _Endpoint, path: str, offset: int, length: int
+    ) -> bytes | ErrorAnswer | None:
+        """The range through :class:`RangeSockets` in a worker thread: its bytes, an error
+        answer, or None when httpx must do it (no usable token yet, or another answer)."""
+        assert self._sockets is not None
+        await self._ensure_credentials(endpoint)
+        url = endpoint.base + path
+        ready, authorization = self._auth.ready_authorization("GET", url)
+        if not ready:
+            return None
+        get = partial(self._sockets.get_range, url, offset, length, authorization)
+        async with self._slot(endpoint.host):
+            self._requests += 1
+            try:
+                return await trio.to_thread.run_sync(get, abandon_on_cancel=True)
+            except OSError as exc:
+                raise TransientError(
+                    f"GET {url} range {offset}+{length}: {type(exc).__name__}: {exc}", url=url
+                ) from exc
 
     async def download_blob(
         self, ref: Reference, descriptor: Descriptor, path: str | os.PathLike[str]
@@ -616,15 +669,17 @@ def _make_transport(config: ClientConfig) -> httpx.AsyncHTTPTransport:
     # body). trio already sets TCP_NODELAY; saying it here keeps it true on any backend and
     # lets the benchmark turn it off to measure it.
     options = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1 if config.tcp_nodelay else 0)]
-    verify: ssl.SSLContext | bool = True
-    if config.ca_file:
-        verify = ssl.create_default_context(cafile=config.ca_file)
+    verify = _ssl_context(config) or True
     limits = httpx.Limits(
         max_connections=None, max_keepalive_connections=config.max_parallel * 4, keepalive_expiry=30
     )
     return httpx.AsyncHTTPTransport(
         verify=verify, limits=limits, proxy=config.proxy, socket_options=options, retries=0
     )
+
+
+def _ssl_context(config: ClientConfig) -> ssl.SSLContext | None:
+    return ssl.create_default_context(cafile=config.ca_file) if config.ca_file else None
 
 
 def _drainable(response: httpx.Response) -> bool:

@@ -44,6 +44,8 @@ def _check_image(server, repo, image, creds=None):
             offset = rng.randrange(0, len(layer) - length)
             assert await source.read_at(offset, length) == layer[offset : offset + length]
         assert await source.read_at(len(layer) - 5, 5) == layer[-5:]
+        # The 1 MiB reads went the socket path (with whatever credentials the host takes).
+        assert client.statistics().socket_ranges >= 1
         return source.statistics()
 
     return with_client(body, creds=creds)

@@ -1,0 +1,250 @@
+"""Blob range GETs on plain blocking sockets, for worker threads.
+
+httpx and h11 move a response body through Python on the event loop, a few hundred
+kilobytes at a time: about 2 ms of CPU per MiB, most of a cold sequential read through the
+block device. A 206 answer's body is a known number of bytes, so this path writes the
+request, parses the (small) response head, then ``recv_into``s the body straight into one
+buffer with the GIL released.
+
+It takes only the plain case and error answers with a small fixed-length body (returned
+as :class:`ErrorAnswer` for the caller to judge, so a 404 is asked once). Anything else (a
+redirect, a 401, a whole blob answered with 200, chunked encoding) makes
+:meth:`RangeSockets.get_range` return None, and the caller repeats the request through
+httpx, which handles every case.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import ssl
+import threading
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+__all__ = ["ErrorAnswer", "RangeSockets", "ResponseHead", "parse_response_head"]
+
+MAX_HEAD = 64 * 1024
+MAX_ERROR_BODY = 64 * 1024
+_IDLE_PER_HOST = 32
+_STATUS_RE = re.compile(rb"HTTP/1\.[01] (\d{3})(?: [^\r\n]*)?")
+_CONTENT_RANGE_RE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseHead:
+    status: int
+    headers: dict[str, str]  # lower-case names; a repeated header keeps its last value
+
+    def body_range(self) -> tuple[int, int] | None:
+        """(first, last) byte of a 206's Content-Range, or None."""
+        match = _CONTENT_RANGE_RE.fullmatch(self.headers.get("content-range", "").strip())
+        return (int(match[1]), int(match[2])) if match else None
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorAnswer:
+    """A 4xx/5xx answer (not 401) with its whole body."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+def parse_response_head(head: bytes) -> ResponseHead:
+    """Parse an HTTP/1.1 status line and header fields (``head`` ends before the blank line).
+
+    ValueError on anything malformed."""
+    lines = head.split(b"\r\n")
+    match = _STATUS_RE.fullmatch(lines[0])
+    if match is None:
+        raise ValueError(f"bad status line {lines[0][:80]!r}")
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        name, sep, value = line.partition(b":")
+        if not sep or not name or name != name.strip() or b" " in name:
+            raise ValueError(f"bad header line {line[:80]!r}")
+        headers[name.decode("latin-1").lower()] = value.strip().decode("latin-1")
+    return ResponseHead(int(match[1]), headers)
+
+
+class _Unusable(Exception):
+    """The answer is not a plain 206 of the asked range: let httpx do it."""
+
+
+class _Stale(Exception):
+    """The connection closed before the response began (a reused idle connection)."""
+
+
+class RangeSockets:
+    """Keep-alive connections per (scheme, host, port), used from any thread.
+
+    ``get_range`` blocks: call it in a worker thread. It raises OSError (ssl.SSLError and
+    socket.timeout included) on network failures, which the caller reports as transient.
+    """
+
+    def __init__(
+        self,
+        *,
+        connect_timeout: float,
+        read_timeout: float,
+        user_agent: str,
+        ssl_context: ssl.SSLContext | None = None,
+        tcp_nodelay: bool = True,
+    ) -> None:
+        self._connect_timeout = connect_timeout
+        self._read_timeout = read_timeout
+        self._user_agent = user_agent
+        self._ssl_context = ssl_context
+        self._tcp_nodelay = tcp_nodelay
+        self._idle: dict[tuple[str, str, int], list[socket.socket]] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+        self.redirecting: set[str] = set()  # netlocs that answered a range GET with a redirect
+        self.served = 0  # ranges answered here (not handed back to httpx)
+        self.connections = 0  # connections opened
+
+    def get_range(
+        self, url: str, offset: int, length: int, authorization: str | None
+    ) -> bytes | ErrorAnswer | None:
+        """Exactly ``length`` bytes of ``url`` from ``offset``, an error answer, or None
+        (use httpx)."""
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or parts.hostname is None:
+            return None
+        if parts.netloc in self.redirecting:
+            return None
+        if any(c in (authorization or "") for c in "\r\n"):
+            return None
+        key = (parts.scheme, parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
+        target = parts.path + (f"?{parts.query}" if parts.query else "")
+        request = (
+            f"GET {target} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
+            f"User-Agent: {self._user_agent}\r\nAccept-Encoding: identity\r\n"
+            f"Range: bytes={offset}-{offset + length - 1}\r\n"
+            + (f"Authorization: {authorization}\r\n" if authorization else "")
+            + "\r\n"
+        ).encode("latin-1")
+        sock = self._take(key)
+        if sock is not None:
+            try:
+                return self._exchange(sock, key, parts.netloc, request, offset, length)
+            except (OSError, _Stale):
+                pass  # the server closed an idle connection: once more on a new one
+        sock = self._connect(key)
+        try:
+            return self._exchange(sock, key, parts.netloc, request, offset, length)
+        except _Stale as exc:
+            raise ConnectionResetError(f"{parts.netloc} closed the connection: {exc}") from None
+
+    def _exchange(
+        self, sock: socket.socket, key: tuple[str, str, int], netloc: str, request: bytes,
+        offset: int, length: int,
+    ) -> bytes | ErrorAnswer | None:
+        keep = False
+        try:
+            sock.sendall(request)
+            head, rest = _read_head(sock)
+            try:
+                answer = parse_response_head(head)
+            except ValueError as exc:
+                raise _Unusable(str(exc)) from None
+            if 300 <= answer.status < 400:
+                self.redirecting.add(netloc)
+            if answer.status >= 400 and answer.status != 401:
+                error = _error_answer(sock, answer, rest)
+                keep = answer.headers.get("connection", "").lower() != "close"
+                return error
+            if answer.status != 206 or "transfer-encoding" in answer.headers:
+                raise _Unusable(f"HTTP {answer.status}")
+            declared = answer.headers.get("content-length", "")
+            if answer.body_range() != (offset, offset + length - 1) or declared != str(length) \
+                    or len(rest) > length:
+                raise _Unusable("the answer is not the asked range")
+            body = bytearray(length)
+            view = memoryview(body)
+            view[: len(rest)] = rest
+            got = len(rest)
+            while got < length:
+                n = sock.recv_into(view[got:])
+                if n == 0:
+                    raise ConnectionResetError(f"{netloc} ended the body after {got} of {length}")
+                got += n
+            keep = answer.headers.get("connection", "").lower() != "close"
+            self.served += 1
+            return bytes(body)
+        except _Unusable:
+            return None
+        finally:
+            if keep:
+                self._put(key, sock)
+            else:
+                sock.close()
+
+    def _take(self, key: tuple[str, str, int]) -> socket.socket | None:
+        with self._lock:
+            idle = self._idle.get(key)
+            return idle.pop() if idle else None
+
+    def _put(self, key: tuple[str, str, int], sock: socket.socket) -> None:
+        with self._lock:
+            idle = self._idle.setdefault(key, [])
+            if not self._closed and len(idle) < _IDLE_PER_HOST:
+                idle.append(sock)
+                return
+        sock.close()
+
+    def _connect(self, key: tuple[str, str, int]) -> socket.socket:
+        scheme, host, port = key
+        sock = socket.create_connection((host, port), timeout=self._connect_timeout)
+        self.connections += 1
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, int(self._tcp_nodelay))
+            if scheme == "https":
+                context = self._ssl_context or ssl.create_default_context()
+                sock = context.wrap_socket(sock, server_hostname=host)
+            sock.settimeout(self._read_timeout)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, {}
+        for sockets in idle.values():
+            for sock in sockets:
+                sock.close()
+
+
+def _error_answer(sock: socket.socket, answer: ResponseHead, rest: bytes) -> ErrorAnswer:
+    declared = answer.headers.get("content-length", "")
+    if "transfer-encoding" in answer.headers or not declared.isdigit() \
+            or int(declared) > MAX_ERROR_BODY or len(rest) > int(declared):
+        raise _Unusable(f"HTTP {answer.status} with a body we do not read here")
+    body = bytearray(rest)
+    while len(body) < int(declared):
+        piece = sock.recv(int(declared) - len(body))
+        if not piece:
+            raise ConnectionResetError("the connection closed inside an error body")
+        body += piece
+    return ErrorAnswer(answer.status, answer.headers, bytes(body))
+
+
+def _read_head(sock: socket.socket) -> tuple[bytes, bytes]:
+    """The response head (without the blank line) and the body bytes already received."""
+    buf = bytearray()
+    while True:
+        piece = sock.recv(MAX_HEAD)
+        if not piece:
+            if not buf:
+                raise _Stale("no response")
+            raise ConnectionResetError("the connection closed inside the response head")
+        start = max(0, len(buf) - 3)
+        buf += piece
+        end = buf.find(b"\r\n\r\n", start)
+        if end >= 0:
+            return bytes(buf[:end]), bytes(buf[end + 4 :])
+        if len(buf) > MAX_HEAD:
+            raise _Unusable(f"a response head over {MAX_HEAD} bytes")
