@@ -53,7 +53,8 @@ async def attach_loop(path: str, *, readonly: bool) -> str:
     device = proc.stdout.decode().strip()
     if not device.startswith("/dev/loop"):
         raise MountError(f"losetup printed {device!r}, expected a loop device")
-    _set_readahead(device, READAHEAD_KB)
+    _set_queue(device, "read_ahead_kb", READAHEAD_KB)
+    _set_queue(device, "max_sectors_kb", MAX_REQUEST_KB)
     return device
 
 
@@ -63,15 +64,18 @@ async def attach_loop(path: str, *, readonly: bool) -> str:
 # that costs bytes, not time (import numpy, pandas on loopback: 5.7 s at 8 MiB, 5.4 s at
 # 4 MiB, 6.0 s at 2 MiB, the same bytes within 5 %).
 READAHEAD_KB = 8192
+# The loop device's largest request. Its default (1280 KiB) reaches the FUSE file as a
+# 1 MiB read (FUSE's largest) plus a 256 KiB one; 1 MiB requests map one to one.
+MAX_REQUEST_KB = 1024
 
 
-def _set_readahead(device: str, kb: int) -> None:
-    path = f"/sys/block/{os.path.basename(device)}/queue/read_ahead_kb"
+def _set_queue(device: str, name: str, kb: int) -> None:
+    path = f"/sys/block/{os.path.basename(device)}/queue/{name}"
     try:
         with open(path, "w") as f:
             f.write(str(kb))
     except OSError as exc:  # not fatal: the kernel default still works
-        log.info("cannot set read-ahead of %s: %s", device, exc)
+        log.info("cannot set %s of %s: %s", name, device, exc)
 
 
 async def detach_loop(device: str) -> None:

@@ -48,7 +48,8 @@ def plot_trace(loaded: LoadedTrace, outdir: str, fmt: str = "png",
     log = loaded.log
     if log is not None and (log.reads or log.fetches):
         fig, ax = plt.subplots(figsize=(10, 1.2 + 0.6 * max(1, len(log.header.layers))))
-        colours = {"read": "tab:red", "prefetch": "tab:blue", "other": "tab:gray"}
+        colours = {"read": "tab:red", "readahead": "tab:orange", "prefetch": "tab:blue",
+                   "other": "tab:gray"}
         for origin, colour in colours.items():
             spans = [(f.t, f.dt, f.layer) for f in log.fetches if f.origin == origin]
             if spans:

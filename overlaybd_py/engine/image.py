@@ -8,8 +8,6 @@ concurrently, so opening an N-layer image costs a few round trips, not N times a
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -21,6 +19,7 @@ from ..errors import UnsupportedFormatError
 from ..formats.lsmt import Segments
 from ._tasks import run_concurrently
 from .block_cache import BlockCache, CachedSource
+from .heap import compact_heap
 from .layer import Layer, open_layer
 from .layered import LayeredDevice
 from .source import BlobSource
@@ -119,37 +118,23 @@ async def open_image(
         sources[i] = source
         layers[i] = await open_layer(source, key=blob.digest, chunk_cache=chunk_cache)
 
-    try:
-        await run_concurrently([partial(one, i, blob) for i, blob in enumerate(blobs)])
-    except BaseException:
-        for remote in remotes:
-            if remote is not None and hasattr(remote, "aclose"):
-                with trio.CancelScope(shield=True):
-                    await remote.aclose()
-        raise
-    device = LayeredDevice([layer for layer in layers if layer is not None], upper)
-    for layer in device.layers:
-        # The merged index answers every read; the per-layer tables (22 bytes a record)
-        # would only double the memory of a large image.
-        layer.segments = Segments()
-    _return_freed_memory()
+    with compact_heap():  # index building peaks at several times the index's final size
+        try:
+            await run_concurrently([partial(one, i, blob) for i, blob in enumerate(blobs)])
+        except BaseException:
+            for remote in remotes:
+                if remote is not None and hasattr(remote, "aclose"):
+                    with trio.CancelScope(shield=True):
+                        await remote.aclose()
+            raise
+        device = LayeredDevice([layer for layer in layers if layer is not None], upper)
+        for layer in device.layers:
+            # The merged index answers every read; the per-layer tables (22 bytes a record)
+            # would only double the memory of a large image.
+            layer.segments = Segments()
     await _check_filesystem(device)
     return OpenImage(device, list(device.layers), [s for s in sources if s is not None],
                      [r for r in remotes if r is not None])
-
-
-def _return_freed_memory() -> None:
-    """Give the heap freed while building the index back to the OS.
-
-    Decoding and merging a large index peaks at several times its final size (raw records,
-    per-layer columns, merged columns); glibc keeps such freed heap mapped, so a daemon would
-    carry the peak for its lifetime. malloc_trim returns it (glibc only; elsewhere a no-op).
-    """
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 async def _check_filesystem(device: LayeredDevice) -> None:

@@ -314,6 +314,11 @@ class Prefetcher:
             raise UsageError(f"prefetch concurrency must be >= 1, not {self.concurrency}")
         if isinstance(self.source, PriorityList) and self.root is None:
             raise UsageError("a priority list needs the mounted filesystem (root) to resolve")
+        # The plan says what the start reads: speculative background read-ahead would only
+        # compete with it for the link (reads that miss still read ahead as they fetch).
+        for source in self.image.sources:
+            if isinstance(source, CachedSource):
+                source.background_read_ahead = False
 
     def statistics(self) -> PrefetchStatistics:
         c = self._counters

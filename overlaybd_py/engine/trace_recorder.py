@@ -20,6 +20,7 @@ or fetch knows which device read it serves, even with many reads in flight. Read
 for a fetch *another* read (or the prefetcher) issued are not charged with it; their ``dt``
 shows the wait. Prefetch tasks run with ``PREFETCHING`` set, so their fetches are marked
 ``origin: prefetch`` and never become trace records (the trace holds what the workload read).
+The block cache's background read-ahead of a sequential reader is ``origin: readahead``.
 
 Everything is kept in memory (bounded by ``MAX_EVENTS``) and written at ``close``: ``FILE``
 in the original format, ``FILE.jsonl``, then ``FILE.ok``. As the original does, ``FILE.lock``
@@ -43,7 +44,7 @@ from .. import __version__
 from ..errors import UsageError
 from ..formats import trace as tracefmt
 from ..formats.trace import FetchEvent, LayerInfo, ReadEvent, ReadPiece, TraceRecord
-from .block_cache import CachedSource
+from .block_cache import READING_AHEAD, CachedSource
 from .source import BlobSource
 
 if TYPE_CHECKING:
@@ -254,6 +255,8 @@ class TraceRecorder:
         ctx = _CURRENT_READ.get()
         if PREFETCHING.get():
             origin, read_id = "prefetch", None
+        elif READING_AHEAD.get():
+            origin, read_id = "readahead", None
         elif ctx is not None:
             origin, read_id = "read", ctx.id
             ctx.fetches += 1

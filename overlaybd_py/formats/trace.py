@@ -313,7 +313,7 @@ class FetchEvent:
     layer: int
     offset: int  # blob bytes (compressed, tar included)
     length: int
-    origin: str  # "read", "prefetch" or "other"
+    origin: str  # "read", "readahead", "prefetch" or "other"
     read: int | None = None  # the read event that issued it
     ok: bool = True
     type: Literal["fetch"] = "fetch"

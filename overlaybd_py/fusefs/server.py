@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 import pyfuse3
 import trio
 
+from ..engine.heap import keep_large_buffers
 from ..errors import MountError
 from .fs import BlockFs
 
@@ -30,6 +31,7 @@ MAX_TASKS = 64
 async def serve_blockfs(mountpoint: str) -> AsyncIterator[BlockFs]:
     """Mount a BlockFs at ``mountpoint`` and serve it until the block exits."""
     os.makedirs(mountpoint, exist_ok=True)
+    keep_large_buffers()
     fs = BlockFs()
     options = set(pyfuse3.default_options)
     options.discard("default_permissions")

@@ -7,6 +7,7 @@ import random
 
 import pytest
 import trio
+import trio.testing
 
 from overlaybd_py.engine.block_cache import BLOCK, BlockCache
 from overlaybd_py.engine.source import MemorySource
@@ -106,6 +107,66 @@ def test_coalescing_and_readahead(tmp_path, blob):
             offset = 100_000 + k * 300_000
             await source.read_at(offset, 100)
         assert sum(n for _, n in remote.requests) <= 8 * 2 * BLOCK
+        cache.close()
+
+    trio.run(main)
+
+
+def test_sequential_reader_is_read_ahead_in_the_background(tmp_path, blob):
+    """With a slow remote, a sequential reader stops waiting once its stream is known (the
+    next window is fetched while it reads: without that it waits for every window), never
+    fetches more than twice what it read, and closing the source waits for the background
+    fetch."""
+
+    async def main():
+        remote = CountingSource(blob, delay=0.01)
+        cache = BlockCache.open(tmp_path, 0)
+        source = cache.source(remote, DIGEST)
+        waited = 0
+        pos = 0
+        for _ in range(24):
+            started = trio.current_time()
+            assert await source.read_at(pos, 32768) == blob[pos : pos + 32768]
+            waited += trio.current_time() - started >= 0.01
+            pos += 32768
+            await trio.sleep(0.004)  # the workload computes between reads
+        fetched = sum(n for _, n in remote.requests)
+        assert waited <= 2  # the stream's start; after it the window is fetched ahead
+        assert len(remote.requests) > waited
+        assert pos < fetched <= 2 * pos + 2 * BLOCK
+        await source.aclose()  # a background fetch may be in flight: closing waits for it
+        cache.close()
+        # everything it published is correct on disk
+        cache = BlockCache.open(tmp_path, 0)
+        again = CountingSource(blob)
+        assert await cache.source(again, DIGEST).read_at(0, pos) == blob[:pos]
+        assert again.requests == []
+        cache.close()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_sequential_reader_through_a_cache_smaller_than_its_window(tmp_path, blob):
+    """Read-ahead must not evict itself: a long sequential read through a 1 MiB cache ends,
+    reads right, fetches each block about once, and the cache stays under its cap."""
+
+    async def main():
+        remote = CountingSource(blob, delay=0.001)
+        cache = BlockCache.open(tmp_path, 1 << 20)
+        source = cache.source(remote, DIGEST)
+        async def read(pos: int) -> None:
+            n = min(65536, len(blob) - pos)
+            assert await source.read_at(pos, n) == blob[pos : pos + n]
+
+        with trio.fail_after(60):
+            for _ in range(2):
+                for batch in range(0, len(blob), 4 * 65536):  # the kernel's parallel reads
+                    async with trio.open_nursery() as nursery:
+                        for pos in range(batch, min(batch + 4 * 65536, len(blob)), 65536):
+                            nursery.start_soon(read, pos)
+        assert sum(n for _, n in remote.requests) <= 2 * 1.5 * len(blob)
+        assert cache.statistics().size <= 1 << 20
+        await source.aclose()
         cache.close()
 
     trio.run(main)
