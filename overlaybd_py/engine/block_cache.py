@@ -441,7 +441,7 @@ class CachedSource:
         check_range(self, offset, length, self.digest)
         if length == 0:
             return b""
-        readahead, stream = self._streams.readahead(offset, length)
+        readahead, stream, advancing = self._streams.readahead(offset, length)
         if self._cache.capacity:  # a window larger than the cache would evict itself
             readahead = min(readahead, self._cache.capacity // 8)
         first, last = offset // BLOCK, (offset + length - 1) // BLOCK
@@ -450,7 +450,7 @@ class CachedSource:
             stream[2] = 1
         # Only a stream that has missed reads ahead in the background: one served from the
         # cache (warm, or prefetched from a trace) fetches nothing it does not read.
-        if readahead and stream[2]:
+        if readahead and stream[2] and advancing:
             self._read_ahead_async(last, readahead)
         for attempt in range(3):
             fetched = await self._ensure(first, last, readahead)
@@ -694,22 +694,22 @@ class _Streams:
         # [end offset, bytes read, missed (0/1)], most recent last
         self._streams: list[list[int]] = []
 
-    def readahead(self, offset: int, length: int) -> tuple[int, list[int]]:
-        """The read-ahead for a read, and the stream it belongs to."""
+    def readahead(self, offset: int, length: int) -> tuple[int, list[int], bool]:
+        """The read-ahead for a read, the stream it belongs to, and whether the read moves
+        the stream's front (a read behind it, e.g. the same range again, does not)."""
         for i, stream in enumerate(self._streams):
             end, done, _missed = stream
             if end - self._NEAR <= offset <= end + self._GAP:
                 stream[0] = max(end, offset + length)
                 stream[1] = done + length
                 self._streams.append(self._streams.pop(i))
-                if offset + length <= end:  # behind the stream's front: nothing new ahead
-                    return 0, stream
-                return min(max(stream[1], self._FIRST), MAX_READAHEAD), stream
+                ahead = min(max(stream[1], self._FIRST), MAX_READAHEAD)
+                return ahead, stream, offset + length > end
         stream = [offset + length, length, 0]
         self._streams.append(stream)
         if len(self._streams) > self._MAX:
             self._streams.pop(0)
-        return 0, stream
+        return 0, stream, True
 
 
 def _runs(blocks: list[int]) -> list[tuple[int, int]]:

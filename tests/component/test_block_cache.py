@@ -148,7 +148,7 @@ def test_sequential_reader_is_read_ahead_in_the_background(tmp_path, blob):
 
 def test_sequential_reader_through_a_cache_smaller_than_its_window(tmp_path, blob):
     """Read-ahead must not evict itself: a long sequential read through a 1 MiB cache ends,
-    reads right, fetches each block about once, and the cache stays under its cap."""
+    reads right, fetches each block about once, and the cache stays near its cap."""
 
     async def main():
         remote = CountingSource(blob, delay=0.001)
@@ -165,8 +165,9 @@ def test_sequential_reader_through_a_cache_smaller_than_its_window(tmp_path, blo
                         for pos in range(batch, min(batch + 4 * 65536, len(blob)), 65536):
                             nursery.start_soon(read, pos)
         assert sum(n for _, n in remote.requests) <= 2 * 1.5 * len(blob)
-        assert cache.statistics().size <= 1 << 20
         await source.aclose()
+        # Eviction skips regions being fetched: the cap may be passed by one window (1/8).
+        assert cache.statistics().size <= (1 << 20) + (1 << 17)
         cache.close()
 
     trio.run(main)
