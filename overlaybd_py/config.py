@@ -105,7 +105,7 @@ class NodeConfig:
     @property
     def daemon_socket(self) -> str:
         """The node daemon's control socket."""
-        return str(Path(self.state_dir) / DAEMON_DIR / "control.sock")
+        return str(Path(self.daemon_dir) / "control.sock")
 
     @property
     def daemon_lock(self) -> str:

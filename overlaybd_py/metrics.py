@@ -138,9 +138,9 @@ def _per_mount(stats: NodeStatistics) -> Iterator[Metric]:
                                 labels=[*labels, "id", "owner"])
     hist = HistogramMetricFamily(f"{PREFIX}_image_fetch_duration_seconds",
                                  "Latency of range requests to registries", labels=labels)
+    bounds = [*(repr(float(b)) for b in FETCH_BUCKETS), "+Inf"]
     for m in stats.mounts:
         serving.add_metric([m.image, m.target, m.id, m.owner], 1 if m.serving else 0)
-        bounds = [*(repr(float(b)) for b in FETCH_BUCKETS), "+Inf"]
         hist.add_metric([m.image, m.target], list(zip(bounds, m.fetch_buckets, strict=True)),
                         m.fetch_seconds)
     yield serving

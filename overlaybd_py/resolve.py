@@ -16,6 +16,7 @@ from .errors import FormatError, NotOverlaybdError, UnsupportedFormatError
 from .formats import oci
 from .formats.oci import Descriptor, Index, Manifest, Platform
 from .registry import (
+    FetchedManifest,
     RegistryClient,
     list_referrers,
     pick_overlaybd_referrer,
@@ -32,11 +33,19 @@ log = logging.getLogger(__name__)
 class ResolvedImage:
     requested: Reference
     source_digest: str  # the manifest the user's reference resolved to
-    image: Reference  # the overlaybd manifest (repository + digest)
-    manifest: Manifest
+    fetched: FetchedManifest  # the overlaybd manifest as fetched (bytes, media type)
     layers: list[Descriptor]  # bottom first, acceleration layer excluded
     acceleration_layer: Descriptor | None
     via: str  # "direct", "referrer:api" or "referrer:fallback-tag"
+
+    @property
+    def image(self) -> Reference:
+        """The overlaybd manifest (repository + digest)."""
+        return self.fetched.reference
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.fetched.parsed  # type: ignore[return-value]  # checked when resolved
 
 
 def overlaybd_layers(manifest: Manifest, where: str) -> tuple[list[Descriptor], Descriptor | None]:
@@ -93,8 +102,7 @@ async def resolve_overlaybd(client: RegistryClient, ref: Reference,
     source_digest = manifest.descriptor.digest
     if oci.is_overlaybd_manifest(manifest.parsed):
         layers, accel = overlaybd_layers(manifest.parsed, str(ref))
-        return ResolvedImage(ref, source_digest, manifest.reference, manifest.parsed, layers,
-                             accel, "direct")
+        return ResolvedImage(ref, source_digest, manifest, layers, accel, "direct")
     subjects = [source_digest] + ([index.descriptor.digest] if index is not None else [])
     for subject in subjects:
         hit = await _referrer(client, ref, subject, platform)
@@ -113,8 +121,7 @@ async def resolve_overlaybd(client: RegistryClient, ref: Reference,
                               field="layers")
         layers, accel = overlaybd_layers(parsed, f"{ref} (referrer {descriptor.digest})")
         log.info("%s: using overlaybd referrer %s (found via %s)", ref, found.reference, source)
-        return ResolvedImage(ref, source_digest, found.reference, parsed, layers, accel,
-                             f"referrer:{source}")
+        return ResolvedImage(ref, source_digest, found, layers, accel, f"referrer:{source}")
     raise NotOverlaybdError(
         f"{ref} is not an overlaybd image and has no overlaybd referrer (checked the referrers "
         f"of {', '.join(subjects)} through the referrers API and the sha256-<hex> fallback tag); "

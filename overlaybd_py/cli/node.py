@@ -31,6 +31,7 @@ from ..daemon import (
     run_foreground,
     serve_until_stopped,
     server_dirs,
+    socket_of,
 )
 from ..engine._tasks import unwrap_group
 from ..engine.block_cache import BlockCache
@@ -176,7 +177,7 @@ def _umount(args: argparse.Namespace) -> int:
         raise UsageError(f"{args.target} is not mounted by overlaybd-py "
                          f"(no record under {config.state_dir})")
     server_dir, target = owner
-    sock = str(server_dir / "control.sock")
+    sock = socket_of(server_dir)
     removed = None
     if server_dir.name == DAEMON_DIR and not responds(sock):
         # The node daemon is stopped: remove the mount it would re-serve at its next start.
@@ -205,7 +206,7 @@ def _status(args: argparse.Namespace) -> int:
     target = os.path.realpath(args.target) if args.target else None
     cache = None
     for server_dir in server_dirs(config.state_dir):
-        sock = str(server_dir / "control.sock")
+        sock = socket_of(server_dir)
         if not responds(sock):
             # A stopped node daemon: its mounts wait for its next start.
             unserved.extend({"image": r.ref, "target": r.target, "writable": not r.readonly,

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UsageError
+from .servers import shutil_which
 
 __all__ = ["RECIPES", "Recipe", "build_recipe", "source_spec"]
 
@@ -59,13 +60,6 @@ def _run(argv: list[str], **kwargs) -> subprocess.CompletedProcess:
         raise UsageError(f"{' '.join(argv[:3])}... failed ({proc.returncode}): "
                          f"{(proc.stderr or proc.stdout).strip()[-1500:]}")
     return proc
-
-
-def _need(program: str) -> str:
-    path = shutil.which(program) or shutil.which(program, path="/usr/sbin:/sbin")
-    if path is None:
-        raise UsageError(f"the benchmark needs {program!r} (run scripts/bootstrap)")
-    return path
 
 
 def _copy_with_libraries(binary: str, root: Path) -> None:
@@ -107,7 +101,7 @@ def _tiny(root: Path) -> None:
 
 
 def _debian_python(root: Path) -> None:
-    _need("debootstrap")
+    shutil_which("debootstrap")
     _run(["debootstrap", "--variant=minbase", "--include=python3", "bookworm", str(root),
           DEBIAN_MIRROR], timeout=3600)
     for sub in ("var/cache/apt/archives", "var/lib/apt/lists"):
@@ -134,7 +128,7 @@ STEPS = {"tiny": [_tiny], "numpy-pandas": [_debian_python, _numpy_pandas]}
 def _build_layout(steps, layout: Path, bundle: Path, tag: str, run: str) -> None:
     """One layer per step: each step changes the unpacked rootfs, ``umoci repack`` records
     the change. (Debian's umoci 0.4.7 ``insert`` writes truncated tars; ``repack`` does not.)"""
-    umoci = _need("umoci")
+    umoci = shutil_which("umoci")
     image = f"{layout}:{tag}"
     _run([umoci, "init", "--layout", str(layout)])
     _run([umoci, "new", "--image", image])

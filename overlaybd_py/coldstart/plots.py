@@ -70,16 +70,15 @@ def plot_trace(loaded: LoadedTrace, outdir: str, fmt: str = "png",
         plt.close(fig)
 
         fig, ax = plt.subplots(figsize=(8, 4.5))
-        for label, events, size in (
-            ("bytes read (device)", sorted(log.reads, key=lambda e: e.t + e.dt), "length"),
-            ("bytes fetched (registry)", sorted(log.fetches, key=lambda e: e.t + e.dt),
-             "length"),
+        for label, events in (
+            ("bytes read (device)", sorted(log.reads, key=lambda e: e.t + e.dt)),
+            ("bytes fetched (registry)", sorted(log.fetches, key=lambda e: e.t + e.dt)),
         ):
             xs, ys, total = [0.0], [0.0], 0
             for e in events:
                 if not e.ok:
                     continue
-                total += getattr(e, size)
+                total += e.length
                 xs.append(e.t + e.dt)
                 ys.append(total / MiB)
             ax.step(xs, ys, where="post", label=label)

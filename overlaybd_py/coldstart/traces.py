@@ -99,21 +99,7 @@ def load_trace(path: str) -> LoadedTrace:
 
 def union_length(ranges: Iterable[tuple[float, float]]) -> float:
     """Total length of the union of half-open ranges (start, end)."""
-    total = 0.0
-    end = None
-    start = None
-    for a, b in sorted(ranges):
-        if b <= a:
-            continue
-        if end is None or a > end:
-            if end is not None:
-                total += end - start
-            start, end = a, b
-        else:
-            end = max(end, b)
-    if end is not None:
-        total += end - start
-    return total
+    return float(sum(b - a for a, b in _merge(ranges)))
 
 
 def _merge(ranges: Iterable[tuple[float, float]]) -> list[tuple[float, float]]:

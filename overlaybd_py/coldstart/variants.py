@@ -379,8 +379,6 @@ class Lazy:
     records a trace (the first one is what ``lazy_prefetch`` replays)."""
 
     name = "lazy"
-    prefetch = False
-    warm = False
 
     def __init__(self) -> None:
         self.target: Path | None = None
@@ -433,7 +431,6 @@ class LazyPrefetch(Lazy):
     """c. lazy with prefetch from a trace recorded in a previous run."""
 
     name = "lazy_prefetch"
-    prefetch = True
 
     def setup(self, bench: Bench, run: int) -> None:
         bench.ensure_prefetch_trace()  # untimed; records one now if no lazy run did
@@ -448,7 +445,6 @@ class Warm(Lazy):
     page cache dropped); then CMD again in the same rootfs for the workload-only time."""
 
     name = "warm"
-    warm = True
 
     def cache_dir(self, bench: Bench, run: int) -> Path:
         return bench.work / "cache-warm"  # kept across warm runs; primed before the first

@@ -13,6 +13,7 @@ from ._records import (
     read_records,
     remove_unserved,
     server_dirs,
+    socket_of,
 )
 from ._server import NodeServer, run_foreground, serve_until_stopped
 
@@ -27,4 +28,5 @@ __all__ = [
     "run_foreground",
     "serve_until_stopped",
     "server_dirs",
+    "socket_of",
 ]

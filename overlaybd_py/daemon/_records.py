@@ -32,6 +32,7 @@ __all__ = [
     "read_records",
     "remove_unserved",
     "server_dirs",
+    "socket_of",
 ]
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,11 @@ def server_dirs(state_dir: str) -> list[Path]:
         return []
     return sorted(p for p in root.iterdir()
                   if p.is_dir() and (p.name == DAEMON_DIR or p.name.startswith("fg-")))
+
+
+def socket_of(server_dir: str | os.PathLike[str]) -> str:
+    """The control socket of the server that owns ``server_dir``."""
+    return os.path.join(server_dir, "control.sock")
 
 
 def _pid_alive(pid: int) -> bool:

@@ -76,6 +76,7 @@ from ._records import (
     _write_record,
     cleanup_stale,
     read_records,
+    socket_of,
 )
 
 __all__ = ["NodeServer", "run_foreground", "serve_until_stopped"]
@@ -147,7 +148,7 @@ class NodeServer:
 
     @property
     def socket_path(self) -> str:
-        return str(self.dir / "control.sock")
+        return socket_of(self.dir)
 
     # -- lifecycle --------------------------------------------------------------------------
 

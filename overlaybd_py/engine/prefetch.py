@@ -157,7 +157,6 @@ def plan_prefetch(records: Sequence[Record], layer_sizes: Sequence[int], *,
                 i += 1
         requests.extend(PrefetchRequest(rank, layer, start, end - start)
                         for (start, end), rank in zip(spans, ranks, strict=True))
-    requests = [r for r in requests if r.length > 0]
     requests.sort()
     return requests, skipped
 

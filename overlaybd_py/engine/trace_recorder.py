@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import logging
 import os
 import time
@@ -318,9 +319,7 @@ class TraceRecorder:
         end = tracefmt.EndEvent(trio.current_time() - self._t0, self._counters["dropped"])
         records, events = self._records, self._events
         self._records, self._events = [], []
-        self._summary = RecorderStatistics(False, *(
-            getattr(summary, f) for f in ("reads", "bytes_read", "records", "fetches",
-                                          "bytes_fetched", "dropped")))
+        self._summary = dataclasses.replace(summary, recording=False)
         try:
             with trio.CancelScope(shield=True):  # an unmount must not lose the trace
                 await trio.to_thread.run_sync(self._write, header, end, records, events)
@@ -383,9 +382,8 @@ def attach_recorder(image: OpenImage, served: ServedImage | None, path: str | os
         raise UsageError(f"{path}.lock exists: a recording to {path} is running (or a dead "
                          "one left it; delete it)") from None
     os.close(fd)
-    for stale in (path + ".ok",):
-        if os.path.exists(stale):
-            os.unlink(stale)
+    if os.path.exists(path + ".ok"):  # stale: from an earlier recording
+        os.unlink(path + ".ok")
     recorder = TraceRecorder(image, path, served)
     recorder._attach()
     return recorder

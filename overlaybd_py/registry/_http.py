@@ -19,6 +19,7 @@ from ..errors import AuthError, DigestMismatchError, NotFoundError, RegistryErro
 __all__ = [
     "check_content_range",
     "error_detail",
+    "parse_content_range",
     "parse_retry_after",
     "raise_for_status",
     "read_limited",
@@ -73,6 +74,14 @@ def parse_retry_after(response: httpx.Response, now: float | None = None) -> flo
     return max(0.0, when.timestamp() - now)
 
 
+def parse_content_range(header: str) -> tuple[int, int, int | None] | None:
+    """(first, last, total or None for ``*``) of a ``bytes`` Content-Range, or None."""
+    match = _CONTENT_RANGE_RE.fullmatch(header.strip())
+    if match is None:
+        return None
+    return int(match[1]), int(match[2]), None if match[3] == "*" else int(match[3])
+
+
 def check_content_range(
     response: httpx.Response, offset: int, length: int, blob_size: int | None, what: str
 ) -> None:
@@ -82,11 +91,11 @@ def check_content_range(
     blob size is unknown, since a retry cannot change a size the server reports honestly.
     """
     header = response.headers.get("content-range", "")
-    match = _CONTENT_RANGE_RE.fullmatch(header.strip())
-    if match is None:
+    parsed = parse_content_range(header)
+    if parsed is None:
         raise RegistryError(f"{what}: 206 answer with unusable Content-Range {header!r}")
-    first, last, total = int(match[1]), int(match[2]), match[3]
-    if total != "*" and blob_size is not None and int(total) != blob_size:
+    first, last, total = parsed
+    if total is not None and blob_size is not None and total != blob_size:
         raise DigestMismatchError(
             f"{what}: server reports a blob of {total} bytes, expected {blob_size}"
         )

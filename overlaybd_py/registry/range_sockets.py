@@ -22,13 +22,14 @@ import threading
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from ._http import parse_content_range
+
 __all__ = ["ErrorAnswer", "RangeSockets", "ResponseHead", "parse_response_head"]
 
 MAX_HEAD = 64 * 1024
 MAX_ERROR_BODY = 64 * 1024
 _IDLE_PER_HOST = 32
 _STATUS_RE = re.compile(rb"HTTP/1\.[01] (\d{3})(?: [^\r\n]*)?")
-_CONTENT_RANGE_RE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,8 +39,8 @@ class ResponseHead:
 
     def body_range(self) -> tuple[int, int] | None:
         """(first, last) byte of a 206's Content-Range, or None."""
-        match = _CONTENT_RANGE_RE.fullmatch(self.headers.get("content-range", "").strip())
-        return (int(match[1]), int(match[2])) if match else None
+        parsed = parse_content_range(self.headers.get("content-range", ""))
+        return parsed[:2] if parsed is not None else None
 
 
 @dataclass(frozen=True, slots=True)

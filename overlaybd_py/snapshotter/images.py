@@ -56,12 +56,12 @@ class ImageMounts:
         with lock:
             yield
 
-    def served(self) -> list[dict[str, Any]]:
+    def served(self, sock: str | None = None) -> list[dict[str, Any]]:
         """The daemon's mounts that belong to this snapshotter root."""
-        return request(self._socket(), "status", owner=self.owner)["mounts"]
+        return request(sock or self._socket(), "status", owner=self.owner)["mounts"]
 
-    def _is_served(self, target: Path) -> bool:
-        mounts = request(self._socket(), "status", target=str(target))["mounts"]
+    def _is_served(self, sock: str, target: Path) -> bool:
+        mounts = request(sock, "status", target=str(target))["mounts"]
         return any(m["owner"] == self.owner for m in mounts)
 
     def ensure(self, snapshot_id: int, layers: list[dict[str, Any]], name: str) -> Path:
@@ -69,13 +69,14 @@ class ImageMounts:
         returns the mount point. Raises what the daemon raises (MountError, RegistryError...)."""
         target = self.target(snapshot_id)
         with self._locked(snapshot_id):
-            if self._is_served(target):
+            sock = self._socket()  # one ping (and daemon start) per call, not per request
+            if self._is_served(sock, target):
                 return target  # serving, or being re-served after a daemon restart
             target.mkdir(parents=True, exist_ok=True)
             for point in mounts_under(str(target)):  # a dead mount the daemon forgot
                 log.warning("removing stale mount %s", point)
                 _lazy_umount(point)
-            request(self._socket(), "mount_layers", timeout=_MOUNT_TIMEOUT, target=str(target),
+            request(sock, "mount_layers", timeout=_MOUNT_TIMEOUT, target=str(target),
                     layers=layers, name=name, owner=self.owner)
             log.info("mounted image %s for snapshot %d", name, snapshot_id)
         return target
@@ -93,8 +94,9 @@ class ImageMounts:
         # Nothing mounted, nothing to ask: the daemon is not started just to learn that.
         if not mounts_under(str(target)):
             return
-        if self._is_served(target):
-            request(self._socket(), "umount", target=str(target))
+        sock = self._socket()
+        if self._is_served(sock, target):
+            request(sock, "umount", target=str(target))
             log.info("unmounted image at %s", target)
         for point in mounts_under(str(target)):
             _lazy_umount(point)
@@ -103,10 +105,11 @@ class ImageMounts:
         """Unmount every image mounted at or below ``directory`` (before removing it)."""
         if not mounts_under(str(directory)):
             return
-        for mount in self.served():
+        sock = self._socket()
+        for mount in self.served(sock):
             target = Path(mount["target"])
             if target == directory or directory in target.parents:
-                request(self._socket(), "umount", target=str(target))
+                request(sock, "umount", target=str(target))
         for point in mounts_under(str(directory)):
             _lazy_umount(point)
 
@@ -116,10 +119,11 @@ class ImageMounts:
         if not mounts_under(str(self.root / "snapshots")):
             return
         keep = {str(self.target(i)) for i in needed}
-        for mount in self.served():
+        sock = self._socket()
+        for mount in self.served(sock):
             if mount["target"] not in keep:
                 log.info("unmounting unused image at %s", mount["target"])
-                request(self._socket(), "umount", target=mount["target"])
+                request(sock, "umount", target=mount["target"])
 
 
 def _lazy_umount(point: str) -> None:

@@ -13,7 +13,6 @@ then finds the image unpacked. Only the manifest(s) and config cross the network
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import logging
 import secrets
@@ -25,6 +24,7 @@ import grpc
 import trio
 from google.protobuf import empty_pb2, field_mask_pb2
 
+from ..convert.manifests import chain_ids
 from ..errors import FormatError, MountError, UnsupportedFormatError, UsageError
 from ..formats import oci
 from ..formats.oci import Manifest, Platform
@@ -74,18 +74,6 @@ class _Resolved:
     config_bytes: bytes
 
 
-def chain_ids(diff_ids: list[str]) -> list[str]:
-    """OCI chain IDs: ``chain[0] = diff[0]``, ``chain[i] = sha256(chain[i-1] + " " + diff[i])``."""
-    out: list[str] = []
-    for diff_id in diff_ids:
-        if out:
-            text = f"{out[-1]} {diff_id}".encode()
-            out.append(f"sha256:{hashlib.sha256(text).hexdigest()}")
-        else:
-            out.append(diff_id)
-    return out
-
-
 async def _resolve(ref: Reference, config: ClientConfig,
                    platform: Platform | None) -> _Resolved:
     async with await RegistryClient.open(config) as client:
@@ -94,7 +82,7 @@ async def _resolve(ref: Reference, config: ClientConfig,
             raise UnsupportedFormatError(
                 f"{ref}: images with an acceleration (trace) layer cannot be pulled yet",
                 field="layers")
-        fetched = await client.get_manifest(resolved.image)
+        fetched = resolved.fetched
         config_bytes = await client.get_blob(resolved.image, resolved.manifest.config)
     return _Resolved(resolved.image, resolved.via, fetched.descriptor.media_type,
                      fetched.content, resolved.manifest, config_bytes)

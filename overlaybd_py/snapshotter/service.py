@@ -439,14 +439,11 @@ class SnapshotService:
                 log.warning("could not mount the image of %s yet: %s", run_top.name, exc)
 
 
-_KIND_NAMES = {Kind.ACTIVE: "active", Kind.VIEW: "view", Kind.COMMITTED: "committed"}
-
-
 def _field(snapshot: Snapshot, path: tuple[str, ...]) -> str | None:
     """containerd's snapshot filter fields: kind, name, parent, labels.KEY."""
     head = path[0] if path else ""
     if head == "kind":
-        return _KIND_NAMES[snapshot.kind]
+        return Kind(snapshot.kind).name.lower()
     if head == "name":
         return snapshot.name
     if head == "parent":
