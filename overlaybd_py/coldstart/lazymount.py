@@ -155,6 +155,8 @@ class Server:
         m = self.mounted
         if m is None:
             raise UsageError("nothing is mounted")
+        if m.image is not None:
+            await m.image.settle()
         status = self.status() if m.image is not None else {}
         m.cancel.cancel()
         with trio.CancelScope(shield=True):

@@ -539,6 +539,8 @@ class NodeServer:
                 raise UsageError(f"{target} is not mounted by this server")
             served.cancel_all()
             record = served.record
+            if served.image is not None:
+                await served.image.settle()  # the trace and counters include read-ahead
             if served.recorder is not None:
                 with trio.CancelScope(shield=True):  # FILE, FILE.jsonl, FILE.ok
                     await served.recorder.close()

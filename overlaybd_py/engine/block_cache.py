@@ -616,6 +616,12 @@ class CachedSource:
             return 0
         return await self._ensure(offset // BLOCK, (offset + length - 1) // BLOCK, 0)
 
+    async def settle(self) -> None:
+        """Wait for the background read-ahead in flight, if any (so its bytes are counted
+        before a final status or trace)."""
+        if self._ahead is not None:
+            await self._ahead[1].wait()
+
     async def aclose(self) -> None:
         """Stop reading through the cache (the remote is not closed: it is not ours)."""
         if not self._closed:

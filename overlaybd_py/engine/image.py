@@ -88,7 +88,16 @@ class OpenImage:
             unverified_layers=[layer.key for layer in self.layers if not layer.verified],
         )
 
+    async def settle(self) -> None:
+        """Let background read-ahead in flight finish (before a final status or trace)."""
+        for source in self.sources:
+            if isinstance(source, CachedSource):
+                await source.settle()
+
     async def aclose(self) -> None:
+        for source in self.sources:  # background read-ahead stops, blob files are released
+            if isinstance(source, CachedSource):
+                await source.aclose()
         for remote in self.remotes:
             close = getattr(remote, "aclose", None)
             if close is not None:
