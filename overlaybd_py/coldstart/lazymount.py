@@ -197,6 +197,8 @@ async def _commands(server: Server) -> None:
                 elif op == "wait_prefetch":
                     if server.mounted is not None:
                         await server.mounted.prefetch_done.wait()
+                        if server.mounted.image is not None:  # the kernel's own read-ahead
+                            await server.mounted.image.settle()
                     answer = server.status()
                 elif op == "umount":
                     answer = await server.umount()

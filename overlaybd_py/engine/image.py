@@ -89,7 +89,8 @@ class OpenImage:
         )
 
     async def settle(self) -> None:
-        """Let background read-ahead in flight finish (before a final status or trace)."""
+        """Let the fetches in flight finish, background read-ahead included (before a final
+        status or trace)."""
         for source in self.sources:
             if isinstance(source, CachedSource):
                 await source.settle()

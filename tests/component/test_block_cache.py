@@ -9,7 +9,7 @@ import pytest
 import trio
 import trio.testing
 
-from overlaybd_py.engine.block_cache import BLOCK, BlockCache
+from overlaybd_py.engine.block_cache import BLOCK, LOCALITY_WINDOW, BlockCache
 from overlaybd_py.engine.source import MemorySource
 from overlaybd_py.errors import UsageError
 
@@ -101,12 +101,35 @@ def test_coalescing_and_readahead(tmp_path, blob):
             assert await source.read_at(pos, 65536) == blob[pos : pos + 65536]
             pos += 65536
         assert len(remote.requests) < 14
-        # scattered small reads fetch only what they read: no read-ahead
+        cache.close()
+
+    trio.run(main)
+
+
+def test_a_miss_reads_a_locality_window_that_grows_with_what_was_served(tmp_path):
+    blob = random.Random(2).randbytes(32 << 20)
+
+    async def main():
+        remote = CountingSource(blob)
+        cache = BlockCache.open(tmp_path, 0)
+        source = cache.source(remote, DIGEST)
+        # Scattered small reads of a fresh blob (a mount reading ext4's metadata and one
+        # small file) fetch only what they read.
+        for offset in (0, 8 << 20, 16 << 20):
+            assert await source.read_at(offset + 10, 100) == blob[offset + 10 : offset + 110]
+        assert remote.requests == [(0, BLOCK), (8 << 20, BLOCK), (16 << 20, BLOCK)]
+        # After 8 MiB served, a miss that continues no stream brings the next 2 MiB along.
+        for offset in range(1 << 20, 9 << 20, 1 << 20):
+            await source.read_at(offset, 1 << 20)
+        await source.settle()
         remote.requests.clear()
-        for k in range(8):
-            offset = 100_000 + k * 300_000
-            await source.read_at(offset, 100)
-        assert sum(n for _, n in remote.requests) <= 8 * 2 * BLOCK
+        offset = 24 << 20
+        assert await source.read_at(offset, 100) == blob[offset : offset + 100]
+        assert remote.requests == [(offset, BLOCK + LOCALITY_WINDOW)]
+        # ... whose blocks are then hits.
+        assert await source.read_at(offset + (1 << 20), 4096) == blob[
+            offset + (1 << 20) : offset + (1 << 20) + 4096]
+        assert len(remote.requests) == 1
         cache.close()
 
     trio.run(main)
