@@ -44,7 +44,7 @@ _KNOWN = {
          "metrics", "download", "snapshotter"},
     "registry": {"insecure", "mirrors", "proxy", "retry_deadline", "credentials",
                  "docker_config_dir"},
-    "prefetch": {"concurrency"},
+    "prefetch": {"concurrency", "gap"},
     "metrics": {"address"},
     "download": {"rate"},
     "snapshotter": {"root", "socket"},
@@ -88,6 +88,7 @@ class NodeConfig:
     use_docker_config: bool = True  # registry.credentials = "docker-config" (or "none")
     docker_config_dir: str | None = None  # default: $DOCKER_CONFIG or ~/.docker
     prefetch_concurrency: int = 4  # parallel range reads of the background download
+    prefetch_gap: int | None = None  # trace records closer than this merge; None = default
     metrics_address: str | None = None  # host:port for Prometheus, off when unset
     download_rate: int = 0  # bytes/s of the background whole-image download; 0 = off
     retry_deadline: float = 60.0  # seconds a registry read keeps retrying before EIO
@@ -188,6 +189,11 @@ def load_config(path: str | None) -> NodeConfig:
         if not 1 <= concurrency <= 256:
             raise UsageError(f"{path}: prefetch.concurrency must be between 1 and 256")
         settings["prefetch_concurrency"] = concurrency
+    if "gap" in prefetch:
+        gap = parse_size(_expect(prefetch, "gap", (str, int), path), f"{path}: prefetch.gap")
+        if gap > 16 << 20:
+            raise UsageError(f"{path}: prefetch.gap must be at most 16MiB, got {gap} bytes")
+        settings["prefetch_gap"] = gap
     metrics = data.get("metrics", {})
     if "address" in metrics:
         address = _expect(metrics, "address", str, path)

@@ -8,6 +8,7 @@ import os
 import shlex
 from pathlib import Path
 
+from ..config import parse_size
 from ..errors import UsageError
 from ._output import emit_json
 
@@ -25,7 +26,9 @@ def _cold_start(args: argparse.Namespace) -> int:
         image=args.image, output=Path(os.path.abspath(args.output)), run=args.run,
         link=LINKS[args.link], repeat=args.repeat, cache_dir=Path(os.path.abspath(
             args.cache_dir)), overlaybd=args.overlaybd, runner=args.runner,
-        mounter=args.mounter, concurrency=args.prefetch_concurrency, variants=variants,
+        mounter=args.mounter, concurrency=args.prefetch_concurrency,
+        gap=parse_size(args.prefetch_gap, "--prefetch-gap") if args.prefetch_gap else None,
+        variants=variants,
         keep_work=args.keep_work, convert_args=tuple(shlex.split(args.convert_args or "")))
     result, leftovers = run_bench(opts)
     if leftovers:
@@ -78,6 +81,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "private serving process (auto: daemon once 'mount' records and "
                    "prefetches, else inprocess)")
     p.add_argument("--prefetch-concurrency", type=int, default=8, metavar="N")
+    p.add_argument("--prefetch-gap", metavar="SIZE",
+                   help="the node's [prefetch] gap (default: the engine's, 64KiB)")
     p.add_argument("--variants", metavar="LIST", help="comma-separated subset of "
                    "full_pull,lazy,lazy_prefetch,warm")
     p.add_argument("--keep-work", action="store_true", help="keep DIR/work (mount points, "

@@ -69,6 +69,7 @@ class BenchOptions:
     runner: str = "containerd"
     mounter: str = "auto"
     concurrency: int = 8
+    gap: int | None = None  # the node's [prefetch] gap; None: the default
     variants: tuple[str, ...] = tuple(VARIANTS)
     keep_work: bool = False
     convert_args: tuple[str, ...] = ()  # extra 'overlaybd-py convert' flags
@@ -359,6 +360,7 @@ class Bench:
             "runner": self.runner.name,
             "mounter": self.mounter.name,
             "prefetch_concurrency": self.opts.concurrency,
+            "prefetch_gap": self.opts.gap,
             **self.info,
             "workload_bytes_covered": covered,
             "variant_order": list(self.opts.variants),

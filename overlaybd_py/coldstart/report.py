@@ -21,6 +21,10 @@ def _mib(n: int | None) -> str:
     return "-" if n is None else f"{n / MiB:.1f} MiB"
 
 
+def _gap(n: int | None) -> str:
+    return "64 KiB (default)" if n is None else f"{n // 1024} KiB"
+
+
 def _s(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f} s"
 
@@ -42,7 +46,8 @@ def write_report(result: dict[str, Any], path: Path, plots: list[str]) -> None:
         f"- the start's reads cover {_mib(result.get('workload_bytes_covered'))} of the device",
         f"- {result['repeat']} run(s) per variant; runner `{result['runner']}`, overlaybd "
         f"mounts through `{result['mounter']}`; prefetch concurrency "
-        f"{result['prefetch_concurrency']}; page caches dropped before every timed run",
+        f"{result['prefetch_concurrency']}, gap "
+        f"{_gap(result.get('prefetch_gap'))}; page caches dropped before every timed run",
         "",
         "| variant | median | min - max | vs full pull | bytes fetched | of image |",
         "|---|---:|---:|---:|---:|---:|",

@@ -263,7 +263,8 @@ class CliMounter:
         # socket path has at most 108 bytes; the output directory may be deep).
         state = bench.scratch_dir(tag)
         config = bench.work / "node-config.toml"
-        config.write_text(f"[prefetch]\nconcurrency = {bench.opts.concurrency}\n")
+        gap = f"gap = {bench.opts.gap}\n" if bench.opts.gap is not None else ""
+        config.write_text(f"[prefetch]\nconcurrency = {bench.opts.concurrency}\n{gap}")
         self.flags = ["--config", str(config), "--state-dir", str(state),
                       "--cache-dir", str(cache_dir)]
         self.daemon = bench.processes.start(
@@ -416,8 +417,11 @@ class Lazy:
     def after(self, bench: Bench, run: int) -> dict[str, Any]:
         assert self.target is not None
         status = bench.mounter.status(bench, self.target)
-        return {"bytes_fetched_by_client": status.get("bytes_fetched"),
-                "requests": status.get("requests"), "mount_s": round(self.mount_s, 4)}
+        out = {"bytes_fetched_by_client": status.get("bytes_fetched"),
+               "requests": status.get("requests"), "mount_s": round(self.mount_s, 4)}
+        if status.get("prefetch"):
+            out["prefetch"] = status["prefetch"]
+        return out
 
     def teardown(self, bench: Bench, run: int) -> None:
         if self.merged is not None:

@@ -449,6 +449,7 @@ class NodeServer:
         assert served.image is not None
         prefetcher = Prefetcher(served.image, source,
                                 concurrency=self.config.prefetch_concurrency,
+                                gap=self.config.prefetch_gap,
                                 root=served.record.target)
         served.prefetcher = prefetcher
 

@@ -67,7 +67,12 @@ log = logging.getLogger(__name__)
 DEFAULT_CONCURRENCY = 8
 # Merge records less than this far apart: at 10 ms RTT and 200 Mbit/s one round trip costs
 # as much as ~250 KB of transfer, so filling a 64 KiB hole is cheaper than a request, while
-# keeping the bytes fetched close to the bytes read (the target is <= 1.5x).
+# keeping the bytes fetched close to the bytes read (the target is <= 1.5x). On a fast link
+# each request's fixed cost (docker-registry ~4 ms of CPU, the client ~1 ms, on the cores
+# the start runs on) dominates instead, and a larger gap (config ``[prefetch] gap``) wins:
+# numpy + pandas, lz4 (bench/README.md): loopback 64 KiB 2.0 s, 256 KiB 1.56 s, 1 MiB 1.45 s;
+# 200 Mbit/10 ms 64 KiB 3.2 s, 256 KiB 3.4 s, 1 MiB 3.9 s. The mount's own first fetches
+# proved too slow and few (a cold registry, fresh connections) to pick the gap from.
 DEFAULT_GAP = 64 * 1024
 # Largest span (uncompressed LSMT bytes; ~1-2 MiB compressed, within the cache's 4 MiB per
 # request). Each request costs the client ~1-2 ms of CPU and the registry ~4 ms whatever its
@@ -299,7 +304,7 @@ class Prefetcher:
     source: TraceFile | PriorityList
     concurrency: int = DEFAULT_CONCURRENCY
     root: str | None = None  # the mounted filesystem; needed for a priority list
-    gap: int = DEFAULT_GAP
+    gap: int | None = DEFAULT_GAP  # None: DEFAULT_GAP
     max_span: int = DEFAULT_MAX_SPAN
     _plan: list[PrefetchRequest] = field(default_factory=list)
     _counters: dict[str, int] = field(default_factory=lambda: dict(
@@ -338,7 +343,8 @@ class Prefetcher:
                 device_ranges_of_paths, self.root, self.source.paths, abandon_on_cancel=True)
             records = records_from_device_ranges(self.image, ranges)
         sizes = [layer.lsmt.size for layer in self.image.layers]
-        plan, skipped = plan_prefetch(records, sizes, gap=self.gap, max_span=self.max_span)
+        gap = DEFAULT_GAP if self.gap is None else self.gap
+        plan, skipped = plan_prefetch(records, sizes, gap=gap, max_span=self.max_span)
         self._counters["skipped"] = skipped
         if skipped:
             log.info("prefetch: %d of %d records do not fit this image (another image's "

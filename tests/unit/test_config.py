@@ -29,6 +29,7 @@ docker_config_dir = "/etc/overlaybd-py/docker"
 
 [prefetch]
 concurrency = 8
+gap = "256KiB"
 
 [metrics]
 address = "127.0.0.1:9863"
@@ -58,7 +59,7 @@ def test_every_key(tmp_path):
     assert config.proxy == "http://proxy.example.com:3128"
     assert config.retry_deadline == 30.0 and config.use_docker_config
     assert config.docker_config_dir == "/etc/overlaybd-py/docker"
-    assert config.prefetch_concurrency == 8
+    assert config.prefetch_concurrency == 8 and config.prefetch_gap == 256 << 10
     assert config.metrics_address == "127.0.0.1:9863"
     assert config.download_rate == 50 << 20
     assert config.snapshotter_root == "/srv/obd/snapshotter"
@@ -98,6 +99,8 @@ def test_overrides_keep_unset_values(tmp_path):
     ("[prefetch]\nconcurrency = '4'\n", "'concurrency' should be int"),
     ("[prefetch]\nconcurrency = true\n", "'concurrency' should be int"),
     ("[prefetch]\nconcurrency = 0\n", "between 1 and 256"),
+    ("[prefetch]\ngap = '1GiB'\n", "prefetch.gap must be at most 16MiB"),
+    ("[prefetch]\ngap = 'wide'\n", "not a size"),
     ("[metrics]\naddress = 'localhost'\n", "not host:port"),
     ("[metrics]\naddress = '127.0.0.1:70000'\n", "out of range"),
     ("[registry]\ncredentials = 'keychain'\n", "must be one of docker-config, none"),
