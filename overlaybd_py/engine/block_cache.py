@@ -75,16 +75,21 @@ MAX_FETCH = 4 * 1024 * 1024  # bytes in one range request
 # requests in flight; with a 16 MiB cap the background fetches were smaller and the reader
 # caught up with them more often (cold 256 MiB read: ~0.8 s against ~0.75 s, noisy).
 MAX_READAHEAD = 32 * 1024 * 1024
-# A miss that starts no stream (a new file, say) also fetches what follows it in the blob,
-# up to 1/LOCALITY_SHARE of what the blob has served so far, at most LOCALITY_WINDOW: the
+# A miss that starts no stream (a new file, say) also fetches what follows it in the blob: the
 # converter writes the files of a directory next to each other, so a start that has read a
-# lot soon reads the neighbours, and one round trip costs more than the extra bytes
-# (python3 -c "import numpy, pandas", 327 MB image, bench/README.md: 315 range requests
-# without, ~110 with a 2 MiB window; loopback 4.3 s -> 2.7 s, 200 Mbit/10 ms 9.1 s -> 7.2 s,
-# 69 -> 98 MiB fetched of the 87 MiB the start reads). Growing with what was served keeps a
-# mount that reads one small file (ext4's metadata, then the file) from fetching megabytes.
-LOCALITY_WINDOW = 2 * 1024 * 1024
-LOCALITY_SHARE = 4
+# lot soon reads the neighbours, and a round trip costs more than the extra bytes. The
+# window is at most LOCALITY_WINDOW and half what the blob has served (a mount that reads
+# one small file gets no window). Windows stop once they have fetched WINDOW_ALLOWANCE bytes
+# more than WINDOW_USE times what was read of them: scattered reads (a database, say) then
+# fetch only what they read. (The numpy + pandas start reads about half of its windows; a
+# budget tied to the bytes served instead cost it ~50 of its ~130 requests.)
+# python3 -c "import numpy, pandas" (lz4; bench/README.md), 2 runs each, loopback / 200
+# Mbit/10 ms: no window 4.3 s / 9.1 s (315 requests); a window of half the served bytes up
+# to 2 MiB 2.6 s / 7.7 s, 4 MiB 2.45 s / 7.3 s, 8 MiB 2.3 s / 7.05 s (126 requests), with
+# 93-99 MiB fetched in all cases for the 87 MiB the start reads.
+LOCALITY_WINDOW = 8 * 1024 * 1024
+WINDOW_ALLOWANCE = 16 * 1024 * 1024
+WINDOW_USE = 4
 # Set in background read-ahead tasks: a trace recorder marks their fetches as read-ahead.
 READING_AHEAD: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "overlaybd_py_reading_ahead", default=False
@@ -444,6 +449,9 @@ class CachedSource:
         self.fetch_latencies = LatencyLog()  # seconds, one per range request
         self.bytes_fetched = 0
         self.bytes_served = 0
+        self._windows = bytearray(self._files.blocks)  # 1: fetched by a window, not read yet
+        self._window_blocks = 0  # fetched by windows
+        self._window_reads = 0  # of those, read since
         self.requests = 0
         self.hits = 0  # blocks
         self.misses = 0  # blocks
@@ -453,7 +461,10 @@ class CachedSource:
         if length == 0:
             return b""
         readahead, stream, advancing = self._streams.readahead(offset, length)
-        window = readahead or min(LOCALITY_WINDOW, self.bytes_served // LOCALITY_SHARE)
+        window = readahead
+        if not window and (self._window_blocks - WINDOW_USE * self._window_reads) * BLOCK \
+                <= WINDOW_ALLOWANCE:
+            window = min(LOCALITY_WINDOW, self.bytes_served // 2)
         if self._cache.capacity:  # a window larger than the cache would evict itself
             readahead = min(readahead, self._cache.capacity // 8)
             window = min(window, self._cache.capacity // 8)
@@ -466,7 +477,10 @@ class CachedSource:
         if readahead and stream[2] and advancing:
             self._read_ahead_async(last, readahead)
         for attempt in range(3):
-            fetched = await self._ensure(first, last, window)
+            fetched, beyond = await self._ensure(first, last, window)
+            if beyond and not readahead:
+                self._windows[last + 1 : last + 1 + beyond] = b"\x01" * beyond
+                self._window_blocks += beyond
             data = os.pread(files.data_fd, (last + 1 - first) * BLOCK, first * BLOCK)
             bad = self._check(data, first, last)
             if not bad:
@@ -477,6 +491,11 @@ class CachedSource:
                     files.stamps[region] = stamp
                 self._cache._counters["bytes_served"] += length
                 self.bytes_served += length
+                if self._window_blocks:
+                    read = self._windows[first : last + 1].count(1)
+                    if read:
+                        self._windows[first : last + 1] = bytes(last + 1 - first)
+                        self._window_reads += read
                 start = offset - first * BLOCK
                 return data[start : start + length]
             self._cache._counters["corrupt_blocks"] += len(bad)
@@ -533,17 +552,17 @@ class CachedSource:
         bad = [first + i for i in range(len(got)) if got[i] != recorded[i]]
         return bad + list(range(first + len(got), last + 1))  # a short read: the rest too
 
-    async def _ensure(self, first: int, last: int, readahead: int) -> int:
+    async def _ensure(self, first: int, last: int, readahead: int) -> tuple[int, int]:
         """Make blocks first..last present, fetching missing ones (and read-ahead).
-        Returns how many of first..last this call fetched itself."""
+        Returns how many of first..last this call fetched itself, and how many after them."""
         files = self._files
         inflight = files.inflight
-        fetched = 0
+        fetched = beyond = 0
         while True:
             flags = files.present[first : last + 1].tobytes()
             hole = flags.find(0)
             if hole < 0:
-                return fetched
+                return fetched, beyond
             missing: list[int] = []
             waits: dict[int, trio.Event] = {}
             while hole >= 0:
@@ -563,6 +582,7 @@ class CachedSource:
                 while block <= extra_end and block not in inflight:
                     missing.append(block)
                     block += 1
+                beyond += block - last - 1
             if missing:
                 # One event for everything this call claims. No await between the scan
                 # above and the claim below.
@@ -628,7 +648,7 @@ class CachedSource:
         check_range(self, offset, length, self.digest)
         if length == 0:
             return 0
-        return await self._ensure(offset // BLOCK, (offset + length - 1) // BLOCK, 0)
+        return (await self._ensure(offset // BLOCK, (offset + length - 1) // BLOCK, 0))[0]
 
     async def settle(self) -> None:
         """Wait for the fetches in flight, background read-ahead included (so their bytes

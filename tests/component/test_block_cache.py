@@ -106,6 +106,23 @@ def test_coalescing_and_readahead(tmp_path, blob):
     trio.run(main)
 
 
+def _fetched_from(requests: list[tuple[int, int]], offset: int) -> int:
+    """Bytes of contiguous requests starting at ``offset`` (one window may be split in
+    several MAX_FETCH requests)."""
+    total = 0
+    for start, length in sorted(requests):
+        if start == offset + total:
+            total += length
+    return total
+
+
+async def serve(source, start: int, end: int) -> None:
+    """Read ``[start, end)`` in 1 MiB reads and let the read-ahead land."""
+    for offset in range(start, end, 1 << 20):
+        await source.read_at(offset, 1 << 20)
+    await source.settle()
+
+
 def test_a_miss_reads_a_locality_window_that_grows_with_what_was_served(tmp_path):
     blob = random.Random(2).randbytes(32 << 20)
 
@@ -118,18 +135,40 @@ def test_a_miss_reads_a_locality_window_that_grows_with_what_was_served(tmp_path
         for offset in (0, 8 << 20, 16 << 20):
             assert await source.read_at(offset + 10, 100) == blob[offset + 10 : offset + 110]
         assert remote.requests == [(0, BLOCK), (8 << 20, BLOCK), (16 << 20, BLOCK)]
-        # After 8 MiB served, a miss that continues no stream brings the next 2 MiB along.
-        for offset in range(1 << 20, 9 << 20, 1 << 20):
-            await source.read_at(offset, 1 << 20)
-        await source.settle()
+        # After 8 MiB served, a miss that continues no stream brings 4 MiB after it along.
+        await serve(source, 1 << 20, 9 << 20)
         remote.requests.clear()
         offset = 24 << 20
         assert await source.read_at(offset, 100) == blob[offset : offset + 100]
-        assert remote.requests == [(offset, BLOCK + LOCALITY_WINDOW)]
+        assert sorted(remote.requests)[0][0] == offset  # (two requests: MAX_FETCH each)
+        assert sum(n for _, n in remote.requests) == BLOCK + (4 << 20)
         # ... whose blocks are then hits.
+        count = len(remote.requests)
         assert await source.read_at(offset + (1 << 20), 4096) == blob[
             offset + (1 << 20) : offset + (1 << 20) + 4096]
-        assert len(remote.requests) == 1
+        assert len(remote.requests) == count
+        cache.close()
+
+    trio.run(main)
+
+
+def test_windows_nobody_reads_stop(tmp_path):
+    blob = random.Random(3).randbytes(176 << 20)
+
+    async def main():
+        remote = CountingSource(blob)
+        cache = BlockCache.open(tmp_path, 0)
+        source = cache.source(remote, DIGEST)
+        await serve(source, 0, 40 << 20)  # 40 MiB served: windows of 8 MiB
+        fetched = []
+        for k in range(8):  # scattered 4 KiB reads, 12 MiB apart: nobody reads the windows
+            offset = (80 << 20) + k * (12 << 20)  # beyond the read-ahead
+            remote.requests.clear()
+            assert await source.read_at(offset, 4096) == blob[offset : offset + 4096]
+            fetched.append(_fetched_from(remote.requests, offset))
+        window = BLOCK + LOCALITY_WINDOW
+        # WINDOW_ALLOWANCE (16 MiB) of unread windows, one more at the limit, then none.
+        assert fetched == [window] * 3 + [BLOCK] * 5
         cache.close()
 
     trio.run(main)
