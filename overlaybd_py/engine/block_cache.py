@@ -475,7 +475,7 @@ class CachedSource:
         # Only a stream that has missed reads ahead in the background: one served from the
         # cache (warm, or prefetched from a trace) fetches nothing it does not read.
         if readahead and stream[2] and advancing:
-            self._read_ahead_async(last, readahead)
+            self._read_ahead_async(last, readahead, stream)
         for attempt in range(3):
             fetched, beyond = await self._ensure(first, last, window)
             if beyond and not readahead:
@@ -505,36 +505,58 @@ class CachedSource:
             self._cache._forget(files, bad)
         raise DeviceError(f"{self.digest}: cached blocks keep failing their checksum")
 
-    def _read_ahead_async(self, last: int, readahead: int) -> None:
+    def _read_ahead_async(self, last: int, readahead: int, stream: list[int]) -> None:
         """Fetch the rest of a sequential reader's window in the background once a quarter
         of it is missing, so the stream does not stop and wait for each window in turn
-        (the kernel's asynchronous read-ahead, in blocks). One such fetch per source at a
-        time; its failure is left to the read that needs the blocks."""
+        (the kernel's asynchronous read-ahead, in blocks). One such task per source at a
+        time; when a fetch lands it goes on with the window of where the stream has got to
+        meanwhile, so the link stays busy while the reader keeps up. A failure is left to
+        the read that needs the blocks."""
         if self._ahead is not None or self._closed or not self.background_read_ahead:
             return
-        files = self._files
-        end = min(files.blocks - 1, last + readahead // BLOCK)
-        hole = files.present[last + 1 : end + 1].tobytes().find(0)
-        start = last + 1 + hole
-        if hole < 0 or (end + 1 - start) * BLOCK < readahead // 4:
-            return
-        if start in files.inflight:
+        span = self._ahead_span(last, readahead)
+        if span is None:
             return
         scope, done = trio.CancelScope(), trio.Event()
         self._ahead = scope, done
 
-        async def fetch_ahead() -> None:
+        async def fetch_ahead(start: int, end: int) -> None:
             READING_AHEAD.set(True)
             try:
                 with scope:
-                    await self._ensure(start, end, 0)
+                    while True:
+                        await self._ensure(start, end, 0)
+                        front = (stream[0] - 1) // BLOCK
+                        next_span = self._ahead_span(front, self._window_of(stream))
+                        if next_span is None or self._closed:
+                            break
+                        start, end = next_span
             except Exception as exc:  # the reader that needs the blocks fetches them again
                 log.debug("read-ahead of %s blocks %d-%d failed: %s", self.digest, start, end, exc)
             finally:
                 self._ahead = None
                 done.set()
 
-        trio.lowlevel.spawn_system_task(fetch_ahead, name=f"read-ahead {self.digest[:19]}")
+        trio.lowlevel.spawn_system_task(fetch_ahead, *span,
+                                        name=f"read-ahead {self.digest[:19]}")
+
+    def _window_of(self, stream: list[int]) -> int:
+        readahead = self._streams.window(stream)
+        return min(readahead, self._cache.capacity // 8) if self._cache.capacity else readahead
+
+    def _ahead_span(self, last: int, readahead: int) -> tuple[int, int] | None:
+        """The blocks after ``last`` to fetch ahead: from the first missing one to the end of
+        the window, when at least a quarter of the window is missing (or the window reaches
+        the end of the blob) and nobody fetches it."""
+        files = self._files
+        end = min(files.blocks - 1, last + readahead // BLOCK)
+        hole = files.present[last + 1 : end + 1].tobytes().find(0)
+        start = last + 1 + hole
+        if hole < 0 or start in files.inflight:
+            return None
+        if (end + 1 - start) * BLOCK < readahead // 4 and end < files.blocks - 1:
+            return None
+        return start, end
 
     def _check(self, data: bytes, first: int, last: int) -> list[int]:
         """Blocks whose bytes do not match their recorded CRC (or that are not present)."""
@@ -738,6 +760,10 @@ class _Streams:
         # [end offset, bytes read, missed (0/1)], most recent last
         self._streams: list[list[int]] = []
 
+    def window(self, stream: list[int]) -> int:
+        """The read-ahead of a stream: what it has read, within _FIRST..MAX_READAHEAD."""
+        return min(max(stream[1], self._FIRST), MAX_READAHEAD)
+
     def readahead(self, offset: int, length: int) -> tuple[int, list[int], bool]:
         """The read-ahead for a read, the stream it belongs to, and whether the read moves
         the stream's front (a read behind it, e.g. the same range again, does not)."""
@@ -747,8 +773,7 @@ class _Streams:
                 stream[0] = max(end, offset + length)
                 stream[1] = done + length
                 self._streams.append(self._streams.pop(i))
-                ahead = min(max(stream[1], self._FIRST), MAX_READAHEAD)
-                return ahead, stream, offset + length > end
+                return self.window(stream), stream, offset + length > end
         stream = [offset + length, length, 0]
         self._streams.append(stream)
         if len(self._streams) > self._MAX:

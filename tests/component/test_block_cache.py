@@ -208,6 +208,32 @@ def test_sequential_reader_is_read_ahead_in_the_background(tmp_path, blob):
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
 
 
+def test_read_ahead_fetches_a_short_tail_of_the_blob(tmp_path, blob):
+    """A stream near the end of the blob: the missing tail is less than a quarter of its
+    window, and is fetched ahead all the same (the reader does not wait for it)."""
+
+    async def main():
+        remote = CountingSource(blob)
+        cache = BlockCache.open(tmp_path, 0)
+        source = cache.source(remote, DIGEST)
+        size = len(blob)
+        tail = (size // BLOCK - 2) * BLOCK  # the last 3 blocks (the last one short)
+        stream = tail - 50 * BLOCK
+        await source.fill(0, stream)
+        await source.fill(stream + 16 * BLOCK, tail - stream - 16 * BLOCK)
+        remote.requests.clear()
+        assert await source.read_at(stream, 16 * BLOCK) == blob[stream : stream + 16 * BLOCK]
+        assert remote.requests == [(stream, 16 * BLOCK)]  # a miss: the stream starts
+        pos = stream + 16 * BLOCK  # cached: the read-ahead is 32 blocks, the tail 3
+        assert await source.read_at(pos, 16 * BLOCK) == blob[pos : pos + 16 * BLOCK]
+        await source.settle()
+        assert remote.requests[1:] == [(tail, size - tail)]
+        await source.aclose()
+        cache.close()
+
+    trio.run(main)
+
+
 def test_sequential_reader_through_a_cache_smaller_than_its_window(tmp_path, blob):
     """Read-ahead must not evict itself: a long sequential read through a 1 MiB cache ends,
     reads right, fetches each block about once, and the cache stays near its cap."""
