@@ -82,7 +82,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "prefetches, else inprocess)")
     p.add_argument("--prefetch-concurrency", type=int, default=8, metavar="N")
     p.add_argument("--prefetch-gap", metavar="SIZE",
-                   help="the node's [prefetch] gap (default: the engine's, 64KiB)")
+                   help="the node's [prefetch] gap (default: the engine's, 128KiB)")
     p.add_argument("--variants", metavar="LIST", help="comma-separated subset of "
                    "full_pull,lazy,lazy_prefetch,warm")
     p.add_argument("--keep-work", action="store_true", help="keep DIR/work (mount points, "

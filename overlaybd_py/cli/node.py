@@ -214,7 +214,7 @@ def _status(args: argparse.Namespace) -> int:
                             for r in read_records(server_dir)
                             if target is None or r.target == target)
             continue
-        answer = request(sock, "status", target=args.target)
+        answer = request(sock, "status", target=args.target, settle=args.settle)
         mounts.extend(answer["mounts"])
         if server_dir.name == DAEMON_DIR or cache is None:
             cache = answer.get("cache")
@@ -332,6 +332,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("status", help="what is mounted, what it read and fetched")
     p.add_argument("target", metavar="TARGET", nargs="?")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--settle", action="store_true",
+                   help="wait for the fetches in flight (read-ahead) so the counters include them")
     node_options(p)
     p.set_defaults(func=_status)
 

@@ -193,6 +193,8 @@ async def _commands(server: Server) -> None:
                 if op == "mount":
                     answer = await server.mount(request)
                 elif op == "status":
+                    if request.get("settle") and server.mounted and server.mounted.image:
+                        await server.mounted.image.settle()
                     answer = server.status()
                 elif op == "wait_prefetch":
                     if server.mounted is not None:

@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ..engine.prefetch import DEFAULT_GAP
+
 __all__ = ["write_report"]
 
 MiB = 1 << 20
@@ -22,7 +24,7 @@ def _mib(n: int | None) -> str:
 
 
 def _gap(n: int | None) -> str:
-    return "64 KiB (default)" if n is None else f"{n // 1024} KiB"
+    return f"{DEFAULT_GAP // 1024} KiB (default)" if n is None else f"{n // 1024} KiB"
 
 
 def _s(x: float | None) -> str:

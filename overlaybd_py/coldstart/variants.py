@@ -230,7 +230,7 @@ class InProcessMounter:
 
     def status(self, bench: Bench, target: Path) -> dict[str, Any]:
         assert self.server is not None
-        return self.server.request("status")
+        return self.server.request("status", settle=True)
 
     def teardown(self, bench: Bench, target: Path) -> None:
         if self.server is not None:
@@ -293,7 +293,8 @@ class CliMounter:
                        *self.flags), "overlaybd-py mount")
 
     def status(self, bench: Bench, target: Path) -> dict[str, Any]:
-        out = _run(self._cli("status", str(target), "--json", *self.flags), "status").stdout
+        out = _run(self._cli("status", str(target), "--json", "--settle", *self.flags),
+                   "status").stdout
         (entry,) = json.loads(out)["mounts"]
         return entry
 
@@ -323,7 +324,7 @@ class DaemonMounter(CliMounter):
     def status(self, bench: Bench, target: Path) -> dict[str, Any]:
         from ..control import request
 
-        (entry,) = request(self.socket, "status", target=str(target))["mounts"]
+        (entry,) = request(self.socket, "status", target=str(target), settle=True)["mounts"]
         return entry
 
     def teardown(self, bench: Bench, target: Path) -> None:

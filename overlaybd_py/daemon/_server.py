@@ -267,6 +267,8 @@ class NodeServer:
         if op == "umount":
             return await self.umount(params)
         if op == "status":
+            if params.get("settle"):  # counters that include the fetches in flight
+                await self.settle(params.get("target"))
             return self.status(params.get("target"), params.get("owner"))
         if op == "cache":
             return self.cache_op(params)
@@ -587,6 +589,13 @@ class NodeServer:
             cache=self.cache.statistics() if self.cache else None,
             recoveries=self._recoveries, recovery_failures=self._recovery_failures,
         )
+
+    async def settle(self, target: str | None = None) -> None:
+        """Wait for the fetches in flight of the mounts at ``target`` (or of all)."""
+        for served in list(self._served.values()):
+            if served.image is not None and (
+                    not target or served.record.target == os.path.realpath(target)):
+                await served.image.settle()
 
     def status(self, target: str | None = None, owner: str | None = None) -> dict[str, Any]:
         mounts = []

@@ -65,15 +65,19 @@ log = logging.getLogger(__name__)
 # (ClientConfig.max_parallel) and serves them in arrival order, so 16 prefetch workers would
 # queue every read the trace missed behind them: keep half the slots for the workload.
 DEFAULT_CONCURRENCY = 8
-# Merge records less than this far apart: at 10 ms RTT and 200 Mbit/s one round trip costs
-# as much as ~250 KB of transfer, so filling a 64 KiB hole is cheaper than a request, while
-# keeping the bytes fetched close to the bytes read (the target is <= 1.5x). On a fast link
-# each request's fixed cost (docker-registry ~4 ms of CPU, the client ~1 ms, on the cores
-# the start runs on) dominates instead, and a larger gap (config ``[prefetch] gap``) wins:
-# numpy + pandas, lz4 (bench/README.md): loopback 64 KiB 2.0 s, 256 KiB 1.56 s, 1 MiB 1.45 s;
-# 200 Mbit/10 ms 64 KiB 3.2 s, 256 KiB 3.4 s, 1 MiB 3.9 s. The mount's own first fetches
-# proved too slow and few (a cold registry, fresh connections) to pick the gap from.
-DEFAULT_GAP = 64 * 1024
+# Merge records less than this far apart. On a slow link bytes are the cost (at 10 ms RTT
+# and 200 Mbit/s a round trip costs as much as ~250 KB of transfer, shared by 8 requests in
+# flight); on a fast one each request's fixed cost is (docker-registry ~4 ms of CPU, the
+# client ~1 ms, on the cores the start runs on), and the bytes fetched should stay near the
+# bytes read (the target is <= 1.5x). numpy + pandas start, lz4, prefetch variant (medians,
+# bench/README.md): loopback 64 KiB 1.81-2.0 s, 128 KiB 1.77 s, 256 KiB 1.33-1.56 s, 1 MiB
+# 1.45 s; 1 Gbit/2 ms 64/128/256 KiB 1.92/1.80/1.98 s (noise); 200 Mbit/10 ms 64 KiB 3.18 s,
+# 128 KiB 3.18 s, 256 KiB 3.4 s, 1 MiB 3.9 s. 128 KiB loses nowhere; a node on a fast link
+# can set more (config ``[prefetch] gap``). Choosing it per mount from the link did not
+# work out: the mount's first fetches are too few and too slow (a cold registry, fresh
+# connections), and a line fitted through the prefetch's first 16 fetches picked 1 MiB at
+# 200 Mbit too (8 requests share the link, so a fetch's time hardly follows its own size).
+DEFAULT_GAP = 128 * 1024
 # Largest span (uncompressed LSMT bytes; ~1-2 MiB compressed, within the cache's 4 MiB per
 # request). Each request costs the client ~1-2 ms of CPU and the registry ~4 ms whatever its
 # size, and the start competes for the same two cores: on the numpy + pandas start at
