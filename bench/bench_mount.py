@@ -109,6 +109,7 @@ def bench_reads(work: Path, registry: RegistryServer, size_mib: int, repeat: int
             subprocess.run(f"curl -sf {url} | lz4 -d -q > /dev/null", shell=True, check=True)
             cold_curl.append(time.perf_counter() - started)
         results["cold_seconds"] = {"lazy": median(cold_lazy), "curl_lz4": median(cold_curl)}
+        results["cold_runs"] = {"lazy": cold_lazy, "curl_lz4": cold_curl}
         results["cold_ratio"] = median(cold_curl) / median(cold_lazy)
         node.mount(ref, target)
         seq_read(target / "big.bin")  # warm the block cache
