@@ -445,6 +445,7 @@ class CachedSource:
         # Per-source counters (the image's share of the cache-wide statistics).
         self._closed = False
         self._ahead: tuple[trio.CancelScope, trio.Event] | None = None  # background read-ahead
+        self._stop_ahead = False  # asks the read-ahead task to stop after its current fetch
         self.background_read_ahead = True  # off while a prefetch plan drives the fetching
         self.fetch_latencies = LatencyLog()  # seconds, one per range request
         self.bytes_fetched = 0
@@ -465,9 +466,7 @@ class CachedSource:
         if not window and (self._window_blocks - WINDOW_USE * self._window_reads) * BLOCK \
                 <= WINDOW_ALLOWANCE:
             window = min(LOCALITY_WINDOW, self.bytes_served // 2)
-        if self._cache.capacity:  # a window larger than the cache would evict itself
-            readahead = min(readahead, self._cache.capacity // 8)
-            window = min(window, self._cache.capacity // 8)
+        readahead, window = self._capped(readahead), self._capped(window)
         first, last = offset // BLOCK, (offset + length - 1) // BLOCK
         files = self._files
         if files.present[first : last + 1].tobytes().find(0) >= 0:
@@ -478,7 +477,8 @@ class CachedSource:
             self._read_ahead_async(last, readahead, stream)
         for attempt in range(3):
             fetched, beyond = await self._ensure(first, last, window)
-            if beyond and not readahead:
+            beyond = min(beyond, len(self._windows) - last - 1)
+            if beyond > 0 and not readahead:
                 self._windows[last + 1 : last + 1 + beyond] = b"\x01" * beyond
                 self._window_blocks += beyond
             data = os.pread(files.data_fd, (last + 1 - first) * BLOCK, first * BLOCK)
@@ -520,15 +520,23 @@ class CachedSource:
         scope, done = trio.CancelScope(), trio.Event()
         self._ahead = scope, done
 
+        self._stop_ahead = False
+
         async def fetch_ahead(start: int, end: int) -> None:
             READING_AHEAD.set(True)
             try:
                 with scope:
                     while True:
                         await self._ensure(start, end, 0)
+                        # Go on only for the stream that read last (another stream that
+                        # wants read-ahead gets the task next), unless asked to stop.
+                        if self._stop_ahead or not self.background_read_ahead \
+                                or not self._streams.is_latest(stream):
+                            break
                         front = (stream[0] - 1) // BLOCK
-                        next_span = self._ahead_span(front, self._window_of(stream))
-                        if next_span is None or self._closed:
+                        next_span = self._ahead_span(
+                            front, self._capped(self._streams.window(stream)))
+                        if next_span is None:
                             break
                         start, end = next_span
             except Exception as exc:  # the reader that needs the blocks fetches them again
@@ -540,9 +548,9 @@ class CachedSource:
         trio.lowlevel.spawn_system_task(fetch_ahead, *span,
                                         name=f"read-ahead {self.digest[:19]}")
 
-    def _window_of(self, stream: list[int]) -> int:
-        readahead = self._streams.window(stream)
-        return min(readahead, self._cache.capacity // 8) if self._cache.capacity else readahead
+    def _capped(self, window: int) -> int:
+        """A window larger than a capped cache would evict itself: at most 1/8 of the cap."""
+        return min(window, self._cache.capacity // 8) if self._cache.capacity else window
 
     def _ahead_span(self, last: int, readahead: int) -> tuple[int, int] | None:
         """The blocks after ``last`` to fetch ahead: from the first missing one to the end of
@@ -674,13 +682,15 @@ class CachedSource:
 
     async def settle(self) -> None:
         """Wait for the fetches in flight, background read-ahead included (so their bytes
-        are counted before a final status or trace). Reads that start meanwhile are waited
-        for too."""
-        if self._ahead is not None:
-            await self._ahead[1].wait()
-        inflight = self._files.inflight
-        while inflight:
-            await next(iter(inflight.values())).wait()
+        are counted before a final status or trace). Bounded: the read-ahead task stops
+        after its current fetch, and fetches that start meanwhile are not waited for (twice
+        over, so a read-ahead a read started meanwhile is caught too)."""
+        for _ in range(2):
+            if self._ahead is not None:
+                self._stop_ahead = True
+                await self._ahead[1].wait()
+            for event in set(self._files.inflight.values()):
+                await event.wait()
 
     async def aclose(self) -> None:
         """Stop reading through the cache (the remote is not closed: it is not ours)."""
@@ -741,7 +751,7 @@ class _Streams:
     last one ended" is too strict. A read belongs to a stream when it starts near (at most
     _NEAR before, _GAP after) where the stream got to. Its read-ahead is what the stream has
     read so far (at least _FIRST, at most MAX_READAHEAD): a stream that stops early has
-    fetched at most about twice what it read.
+    fetched at most about twice what it read (a locality window, CachedSource, aside).
 
     Why any read-ahead below a megabyte: ext4 places the files of a directory next to each
     other, so a start that imports modules one by one reads a "stream" of neighbouring small
@@ -759,6 +769,10 @@ class _Streams:
     def __init__(self) -> None:
         # [end offset, bytes read, missed (0/1)], most recent last
         self._streams: list[list[int]] = []
+
+    def is_latest(self, stream: list[int]) -> bool:
+        """Whether ``stream`` had the most recent read."""
+        return bool(self._streams) and self._streams[-1] is stream
 
     def window(self, stream: list[int]) -> int:
         """The read-ahead of a stream: what it has read, within _FIRST..MAX_READAHEAD."""

@@ -234,6 +234,53 @@ def test_read_ahead_fetches_a_short_tail_of_the_blob(tmp_path, blob):
     trio.run(main)
 
 
+class GatedSource(CountingSource):
+    """Requests reaching past ``gate_at`` wait until ``gate`` is set."""
+
+    def __init__(self, data: bytes, gate_at: int) -> None:
+        super().__init__(data, delay=0.001)
+        self.gate_at = gate_at
+        self.gate = trio.Event()
+
+    async def read_at(self, offset: int, length: int) -> bytes:
+        if offset + length > self.gate_at:
+            await self.gate.wait()
+        return await super().read_at(offset, length)
+
+
+def test_settle_waits_for_what_is_in_flight_not_for_a_reader_that_goes_on(tmp_path):
+    """``settle`` (umount, ``status --settle``) must end while a reader keeps reading: the
+    read-ahead stops after its current fetch, and fetches started later are not waited
+    for. Here they would never end: requests past 32 MiB hang until the test lets them go."""
+    blob = random.Random(4).randbytes(48 << 20)
+
+    async def main():
+        remote = GatedSource(blob, gate_at=32 << 20)
+        cache = BlockCache.open(tmp_path, 0)
+        source = cache.source(remote, DIGEST)
+        pos = 0
+
+        async def reader():
+            nonlocal pos
+            while pos < len(blob):
+                assert await source.read_at(pos, 65536) == blob[pos : pos + 65536]
+                pos += 65536
+                await trio.sleep(0)  # a hit does not yield
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader)
+            while pos < 1 << 20:  # the stream is known, its read-ahead running
+                await trio.sleep(0.001)
+            with trio.fail_after(30):  # a hang, not a speed limit
+                await source.settle()
+            remote.gate.set()
+            nursery.cancel_scope.cancel()
+        await source.aclose()
+        cache.close()
+
+    trio.run(main)
+
+
 def test_sequential_reader_through_a_cache_smaller_than_its_window(tmp_path, blob):
     """Read-ahead must not evict itself: a long sequential read through a 1 MiB cache ends,
     reads right, fetches each block about once, and the cache stays near its cap."""
