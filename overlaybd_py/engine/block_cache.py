@@ -528,10 +528,7 @@ class CachedSource:
                 with scope:
                     while True:
                         await self._ensure(start, end, 0)
-                        # Go on only for the stream that read last (another stream that
-                        # wants read-ahead gets the task next), unless asked to stop.
-                        if self._stop_ahead or not self.background_read_ahead \
-                                or not self._streams.is_latest(stream):
+                        if self._stop_ahead or not self.background_read_ahead:
                             break
                         front = (stream[0] - 1) // BLOCK
                         next_span = self._ahead_span(
@@ -769,10 +766,6 @@ class _Streams:
     def __init__(self) -> None:
         # [end offset, bytes read, missed (0/1)], most recent last
         self._streams: list[list[int]] = []
-
-    def is_latest(self, stream: list[int]) -> bool:
-        """Whether ``stream`` had the most recent read."""
-        return bool(self._streams) and self._streams[-1] is stream
 
     def window(self, stream: list[int]) -> int:
         """The read-ahead of a stream: what it has read, within _FIRST..MAX_READAHEAD."""
