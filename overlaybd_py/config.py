@@ -24,6 +24,7 @@ __all__ = [
     "NodeConfig",
     "load_config",
     "parse_address",
+    "parse_prefetch_gap",
     "parse_size",
 ]
 
@@ -50,6 +51,14 @@ _KNOWN = {
     "snapshotter": {"root", "socket"},
 }
 _CREDENTIAL_SOURCES = ("docker-config", "none")
+
+
+def parse_prefetch_gap(value: str | int, what: str) -> int:
+    """A prefetch gap (``[prefetch] gap``): a size of at most 16 MiB."""
+    gap = parse_size(value, what)
+    if gap > 16 << 20:
+        raise UsageError(f"{what} must be at most 16MiB, got {gap} bytes")
+    return gap
 
 
 def parse_size(value: str | int, what: str = "size") -> int:
@@ -190,10 +199,8 @@ def load_config(path: str | None) -> NodeConfig:
             raise UsageError(f"{path}: prefetch.concurrency must be between 1 and 256")
         settings["prefetch_concurrency"] = concurrency
     if "gap" in prefetch:
-        gap = parse_size(_expect(prefetch, "gap", (str, int), path), f"{path}: prefetch.gap")
-        if gap > 16 << 20:
-            raise UsageError(f"{path}: prefetch.gap must be at most 16MiB, got {gap} bytes")
-        settings["prefetch_gap"] = gap
+        settings["prefetch_gap"] = parse_prefetch_gap(
+            _expect(prefetch, "gap", (str, int), path), f"{path}: prefetch.gap")
     metrics = data.get("metrics", {})
     if "address" in metrics:
         address = _expect(metrics, "address", str, path)

@@ -8,7 +8,7 @@ import os
 import shlex
 from pathlib import Path
 
-from ..config import parse_size
+from ..config import parse_prefetch_gap
 from ..errors import UsageError
 from ._output import emit_json
 
@@ -27,7 +27,8 @@ def _cold_start(args: argparse.Namespace) -> int:
         link=LINKS[args.link], repeat=args.repeat, cache_dir=Path(os.path.abspath(
             args.cache_dir)), overlaybd=args.overlaybd, runner=args.runner,
         mounter=args.mounter, concurrency=args.prefetch_concurrency,
-        gap=parse_size(args.prefetch_gap, "--prefetch-gap") if args.prefetch_gap else None,
+        gap=parse_prefetch_gap(args.prefetch_gap, "--prefetch-gap") if args.prefetch_gap
+        else None,
         variants=variants,
         keep_work=args.keep_work, convert_args=tuple(shlex.split(args.convert_args or "")))
     result, leftovers = run_bench(opts)

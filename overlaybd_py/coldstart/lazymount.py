@@ -151,12 +151,16 @@ class Server:
             "recorder": asdict(m.recorder.statistics()) if m.recorder else None,
         }
 
+    async def settle(self) -> None:
+        """Let the mounted image's fetches in flight land (see ``OpenImage.settle``)."""
+        if self.mounted is not None and self.mounted.image is not None:
+            await self.mounted.image.settle()
+
     async def umount(self) -> dict[str, Any]:
         m = self.mounted
         if m is None:
             raise UsageError("nothing is mounted")
-        if m.image is not None:
-            await m.image.settle()
+        await self.settle()
         status = self.status() if m.image is not None else {}
         m.cancel.cancel()
         with trio.CancelScope(shield=True):
@@ -193,14 +197,13 @@ async def _commands(server: Server) -> None:
                 if op == "mount":
                     answer = await server.mount(request)
                 elif op == "status":
-                    if request.get("settle") and server.mounted and server.mounted.image:
-                        await server.mounted.image.settle()
+                    if request.get("settle"):
+                        await server.settle()
                     answer = server.status()
                 elif op == "wait_prefetch":
                     if server.mounted is not None:
                         await server.mounted.prefetch_done.wait()
-                        if server.mounted.image is not None:  # the kernel's own read-ahead
-                            await server.mounted.image.settle()
+                        await server.settle()  # the kernel's own read-ahead
                     answer = server.status()
                 elif op == "umount":
                     answer = await server.umount()

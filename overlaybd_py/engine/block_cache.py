@@ -159,6 +159,12 @@ class _BlobFiles:
         self.stamps = view[stamp_start : stamp_start + 4 * self.regions].cast("I")
         self.inflight: dict[int, trio.Event] = {}
 
+    def touch(self, first: int, last: int) -> None:
+        """Stamp the regions of blocks first..last as used now (LRU eviction)."""
+        stamp = int(time.time())
+        for region in range(first // REGION_BLOCKS, last // REGION_BLOCKS + 1):
+            self.stamps[region] = stamp
+
     @staticmethod
     def meta_size(size: int) -> int:
         blocks = -(-size // BLOCK)
@@ -486,9 +492,7 @@ class CachedSource:
             if not bad:
                 self._cache._counters["hits"] += last + 1 - first - fetched
                 self.hits += last + 1 - first - fetched
-                stamp = int(time.time())
-                for region in range(first // REGION_BLOCKS, last // REGION_BLOCKS + 1):
-                    files.stamps[region] = stamp
+                files.touch(first, last)
                 self._cache._counters["bytes_served"] += length
                 self.bytes_served += length
                 if self._window_blocks:
@@ -519,7 +523,6 @@ class CachedSource:
             return
         scope, done = trio.CancelScope(), trio.Event()
         self._ahead = scope, done
-
         self._stop_ahead = False
 
         async def fetch_ahead(start: int, end: int) -> None:
@@ -649,10 +652,7 @@ class CachedSource:
         newly = files.present[first : last + 1].tobytes().count(0)
         files.crcs[first : last + 1] = memoryview(crcs).cast("I")
         files.present[first : last + 1] = b"\x01" * (last + 1 - first)  # published last
-        # Fetched counts as used: read-ahead not yet read must not be the first evicted.
-        stamp = int(time.time())
-        for region in range(first // REGION_BLOCKS, last // REGION_BLOCKS + 1):
-            files.stamps[region] = stamp
+        files.touch(first, last)  # fetched counts as used: unread read-ahead is not evicted first
         self._cache._added(files, newly * BLOCK)
 
     def _store(self, data: bytes, offset: int) -> bytes:

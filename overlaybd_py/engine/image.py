@@ -68,16 +68,19 @@ class OpenImage:
     sources: list[BlobSource] = field(default_factory=list)  # cached sources, per layer
     remotes: list[BlobSource] = field(default_factory=list)
 
+    @property
+    def cached_sources(self) -> list[CachedSource]:
+        return [source for source in self.sources if isinstance(source, CachedSource)]
+
     def statistics(self) -> ImageStatistics:
         latencies: list[float] = []
         fetched = requests = hits = misses = 0
-        for source in self.sources:
-            if isinstance(source, CachedSource):
-                latencies.extend(source.fetch_latencies)
-                fetched += source.bytes_fetched
-                requests += source.requests
-                hits += source.hits
-                misses += source.misses
+        for source in self.cached_sources:
+            latencies.extend(source.fetch_latencies)
+            fetched += source.bytes_fetched
+            requests += source.requests
+            hits += source.hits
+            misses += source.misses
         return ImageStatistics(
             bytes_fetched=fetched,
             requests=requests,
@@ -91,14 +94,12 @@ class OpenImage:
     async def settle(self) -> None:
         """Let the fetches in flight finish, background read-ahead included (before a final
         status or trace)."""
-        for source in self.sources:
-            if isinstance(source, CachedSource):
-                await source.settle()
+        for source in self.cached_sources:
+            await source.settle()
 
     async def aclose(self) -> None:
-        for source in self.sources:  # background read-ahead stops, blob files are released
-            if isinstance(source, CachedSource):
-                await source.aclose()
+        for source in self.cached_sources:  # read-ahead stops, blob files are released
+            await source.aclose()
         for remote in self.remotes:
             close = getattr(remote, "aclose", None)
             if close is not None:

@@ -324,9 +324,8 @@ class Prefetcher:
             raise UsageError("a priority list needs the mounted filesystem (root) to resolve")
         # The plan says what the start reads: speculative background read-ahead would only
         # compete with it for the link (reads that miss still read ahead as they fetch).
-        for source in self.image.sources:
-            if isinstance(source, CachedSource):
-                source.background_read_ahead = False
+        for source in self.image.cached_sources:
+            source.background_read_ahead = False
 
     def statistics(self) -> PrefetchStatistics:
         c = self._counters
