@@ -14,12 +14,14 @@ objects the image already has:
   fetches misses from; ``Layer.blob`` itself without a cache): one ``fetch`` event per
   range request, with its latency.
 
-Attribution uses a ``ContextVar``: the device wrapper sets it for the duration of a read, and
-trio copies the context into the child tasks the engine starts for that read, so a layer read
-or fetch knows which device read it serves, even with many reads in flight. Reads that wait
-for a fetch *another* read (or the prefetcher) issued are not charged with it; their ``dt``
-shows the wait. Prefetch tasks run with ``PREFETCHING`` set, so their fetches are marked
-``origin: prefetch`` and never become trace records (the trace holds what the workload read).
+Attribution uses a ``ContextVar``: the device wrapper sets it for the duration of a read,
+and trio copies the context into the child tasks the engine starts for that read, so a layer
+read or fetch knows which device read it serves, even with many reads in flight. Reads that
+wait for a fetch *another* read (or the prefetcher) issued are not charged with it; their
+``dt`` shows the wait. A read is charged with a fetch when the fetch starts: the window the
+block cache fetches behind a miss may still be arriving when the read returns. Prefetch
+tasks run with ``PREFETCHING`` set, so their fetches are marked ``origin: prefetch`` and
+never become trace records (the trace holds what the workload read).
 The block cache's background read-ahead of a sequential reader is ``origin: readahead``.
 
 Everything is kept in memory (bounded by ``MAX_EVENTS``) and written at ``close``: ``FILE``
@@ -202,6 +204,7 @@ class TraceRecorder:
             if not recorder.recording:
                 return await inner(offset, length)
             started = trio.current_time()
+            recorder._fetch_started(length)
             ok = False
             try:
                 data = await inner(offset, length)
@@ -249,21 +252,32 @@ class TraceRecorder:
         if len(self._records) < MAX_EVENTS:
             self._records.append(TraceRecord("R", piece.layer, piece.length, piece.offset))
 
+    def _fetch_origin(self) -> tuple[str, _ReadContext | None]:
+        """Why the fetch in this context was made, and the read it is for (if one)."""
+        if PREFETCHING.get():
+            return "prefetch", None
+        if READING_AHEAD.get():
+            return "readahead", None
+        ctx = _CURRENT_READ.get()
+        return ("read", ctx) if ctx is not None else ("other", None)
+
+    def _fetch_started(self, length: int) -> None:
+        """A read counts its fetches when they start: the part of a window behind the read
+        may still be arriving when the read returns."""
+        if self.recording:
+            _, ctx = self._fetch_origin()
+            if ctx is not None:
+                ctx.fetches += 1
+                ctx.fetched += length
+
     def _fetch_done(self, layer: int, offset: int, length: int, started: float, ended: float,
                     ok: bool) -> None:
         if not self.recording:
             return
-        ctx = _CURRENT_READ.get()
-        if PREFETCHING.get():
-            origin, read_id = "prefetch", None
-        elif READING_AHEAD.get():
-            origin, read_id = "readahead", None
-        elif ctx is not None:
-            origin, read_id = "read", ctx.id
-            ctx.fetches += 1
-            ctx.fetched += length if ok else 0
-        else:
-            origin, read_id = "other", None
+        origin, ctx = self._fetch_origin()
+        read_id = ctx.id if ctx is not None else None
+        if ctx is not None and not ok:
+            ctx.fetched -= length
         self._fetch_id += 1
         if ok:
             self._counters["fetches"] += 1

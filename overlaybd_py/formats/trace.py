@@ -291,8 +291,8 @@ class ReadEvent:
     offset: int  # device bytes
     length: int
     pieces: tuple[ReadPiece, ...] = ()  # layer reads, in completion order (zeros: none)
-    fetches: int = 0  # range requests this read issued itself
-    fetched: int = 0  # blob bytes those requests transferred
+    fetches: int = 0  # range requests this read issued itself (counted when they start)
+    fetched: int = 0  # blob bytes those requests asked for (less any that failed in time)
     ok: bool = True
     type: Literal["read"] = "read"
 

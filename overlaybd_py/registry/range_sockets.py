@@ -4,7 +4,9 @@ httpx and h11 move a response body through Python on the event loop, a few hundr
 kilobytes at a time: about 2 ms of CPU per MiB, most of a cold sequential read through the
 block device. A 206 answer's body is a known number of bytes, so this path writes the
 request, parses the (small) response head, then ``recv_into``s the body straight into one
-buffer with the GIL released.
+buffer with the GIL released. A caller that wants the body as it arrives sets
+:data:`RANGE_PROGRESS` (the block cache publishes a long fetch's first blocks before its
+last ones have come).
 
 It takes only the plain case and error answers with a small fixed-length body (returned
 as :class:`ErrorAnswer` for the caller to judge, so a 404 is asked once). Anything else (a
@@ -15,16 +17,27 @@ httpx, which handles every case.
 
 from __future__ import annotations
 
+import contextvars
 import re
 import socket
 import ssl
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from ._http import parse_content_range
 
-__all__ = ["ErrorAnswer", "RangeSockets", "ResponseHead", "parse_response_head"]
+__all__ = ["RANGE_PROGRESS", "ErrorAnswer", "RangeSockets", "ResponseHead",
+           "parse_response_head"]
+
+# Set around a range read to see its body arrive: called in the worker thread with the
+# body buffer and how many of its bytes have arrived, every PROGRESS_STEP bytes or more
+# (not for the last piece, nor on the httpx path). It must copy what it keeps and not
+# block. A retried read starts again from 0.
+RANGE_PROGRESS: contextvars.ContextVar[Callable[[memoryview, int], None] | None] = \
+    contextvars.ContextVar("overlaybd_py_range_progress", default=None)
+PROGRESS_STEP = 128 * 1024
 
 MAX_HEAD = 64 * 1024
 MAX_ERROR_BODY = 64 * 1024
@@ -166,11 +179,16 @@ class RangeSockets:
             view = memoryview(body)
             view[: len(rest)] = rest
             got = len(rest)
+            progress = RANGE_PROGRESS.get()
+            mark = PROGRESS_STEP
             while got < length:
                 n = sock.recv_into(view[got:])
                 if n == 0:
                     raise ConnectionResetError(f"{netloc} ended the body after {got} of {length}")
                 got += n
+                if progress is not None and mark <= got < length:
+                    progress(view, got)
+                    mark = got + PROGRESS_STEP
             keep = answer.headers.get("connection", "").lower() != "close"
             self.served += 1
             return bytes(body)

@@ -12,6 +12,7 @@ import trio.testing
 from overlaybd_py.engine.block_cache import BLOCK, LOCALITY_WINDOW, BlockCache
 from overlaybd_py.engine.source import MemorySource
 from overlaybd_py.errors import UsageError
+from overlaybd_py.registry.range_sockets import PROGRESS_STEP, RANGE_PROGRESS
 
 DIGEST = "sha256:" + "ab" * 32
 
@@ -147,6 +148,150 @@ def test_a_miss_reads_a_locality_window_that_grows_with_what_was_served(tmp_path
         assert await source.read_at(offset + (1 << 20), 4096) == blob[
             offset + (1 << 20) : offset + (1 << 20) + 4096]
         assert len(remote.requests) == count
+        cache.close()
+
+    trio.run(main)
+
+
+class ArrivingSource(CountingSource):
+    """Sends a range's body as RangeSockets does, telling RANGE_PROGRESS as it arrives, but
+    stops after its first PROGRESS_STEP bytes until ``gate`` is set (a slow link); then
+    raises ``fail`` if set, else returns the rest. ``fail_at_once`` fails before sending."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(data)
+        self.gate = trio.Event()
+        self.gate.set()
+        self.fail: Exception | None = None
+        self.fail_at_once: Exception | None = None
+
+    async def read_at(self, offset: int, length: int) -> bytes:
+        data = await super().read_at(offset, length)
+        if self.fail_at_once is not None:
+            raise self.fail_at_once
+        progress = RANGE_PROGRESS.get()
+        if length > PROGRESS_STEP:
+            if progress is not None:
+                progress(memoryview(data), PROGRESS_STEP)
+            await self.gate.wait()
+            if self.fail is not None:
+                raise self.fail
+        return data
+
+
+async def windowed_source(tmp_path, blob: bytes):
+    """An ArrivingSource, a cache and a source over it that has served 8 MiB, so that its
+    next miss that starts no stream brings a 4 MiB window; the link then stalls after each
+    request's first piece until ``remote.gate`` is set."""
+    remote = ArrivingSource(blob)
+    cache = BlockCache.open(tmp_path, 0)
+    source = cache.source(remote, DIGEST)
+    await serve(source, 1 << 20, 9 << 20)
+    remote.gate = trio.Event()
+    remote.requests.clear()
+    return remote, cache, source
+
+
+def test_a_miss_goes_on_once_its_own_blocks_have_landed(tmp_path):
+    """The read that missed is at the front of its window's request: it returns when its
+    blocks have arrived, while the rest of the window is still on its way."""
+    blob = random.Random(4).randbytes(32 << 20)
+
+    async def main():
+        remote, cache, source = await windowed_source(tmp_path, blob)
+        offset = 24 << 20
+        with trio.fail_after(10):
+            assert await source.read_at(offset, 100) == blob[offset : offset + 100]
+            # Its neighbour in the same piece has landed too.
+            near = offset + 64 * 1024
+            assert await source.read_at(near, 4096) == blob[near : near + 4096]
+        asked = list(remote.requests)
+        assert sorted(asked)[0][0] == offset and sum(n for _, n in asked) > 1 << 20
+        # A reader further into the window waits for it, and does not ask again.
+        far = offset + (2 << 20)
+        late: list[bytes] = []
+
+        async def late_reader():
+            late.append(await source.read_at(far, 4096))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(late_reader)
+            await trio.testing.wait_all_tasks_blocked()
+            assert late == []
+            remote.gate.set()
+        assert late == [blob[far : far + 4096]]
+        assert remote.requests == asked
+        await source.settle()
+        cache.close()
+
+    trio.run(main)
+
+
+def test_a_reader_waits_for_its_piece_of_a_fetch_not_the_whole_fetch(tmp_path, blob):
+    async def main():
+        remote = ArrivingSource(blob)
+        remote.gate = trio.Event()
+        cache = BlockCache.open(tmp_path, 0)
+        source = cache.source(remote, DIGEST)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(source.fill, 0, 2 << 20)  # what a prefetcher does
+            await trio.testing.wait_all_tasks_blocked()
+            with trio.fail_after(10):
+                assert await source.read_at(5000, 4096) == blob[5000:9096]
+            remote.gate.set()
+        assert remote.requests == [(0, 2 << 20)]
+        cache.close()
+
+    trio.run(main)
+
+
+def test_a_window_that_fails_fails_the_read_that_started_it(tmp_path):
+    blob = random.Random(5).randbytes(32 << 20)
+
+    async def main():
+        remote, cache, source = await windowed_source(tmp_path, blob)
+        # Nothing arrives: the read gets the error (asked once, not again behind its back).
+        remote.fail_at_once = RuntimeError("registry gone")
+        offset = 20 << 20
+        with pytest.raises(RuntimeError, match="registry gone"):
+            await source.read_at(offset, 100)
+        assert [o for o, _ in remote.requests].count(offset) == 1
+        # Its own piece arrives, then the link fails: the read has its bytes; the rest of
+        # the window is fetched again by whoever reads it.
+        remote.fail_at_once = None
+        remote.gate = trio.Event()
+        remote.fail = RuntimeError("link reset")
+        remote.requests.clear()
+        with trio.fail_after(10):
+            assert await source.read_at(offset, 100) == blob[offset : offset + 100]
+        remote.gate.set()
+        await source.settle()
+        remote.fail = None
+        remote.requests.clear()
+        far = offset + (1 << 20)
+        assert await source.read_at(far, 4096) == blob[far : far + 4096]
+        assert remote.requests and sorted(remote.requests)[0][0] == far
+        cache.close()
+
+    trio.run(main)
+
+
+def test_closing_a_source_stops_a_window_still_arriving(tmp_path):
+    blob = random.Random(6).randbytes(32 << 20)
+
+    async def main():
+        _remote, cache, source = await windowed_source(tmp_path, blob)  # gate never opened
+        offset = 20 << 20
+        with trio.fail_after(10):
+            assert await source.read_at(offset, 100) == blob[offset : offset + 100]
+            await source.aclose()
+        cache.close()
+        # What landed is on disk and right; the rest is simply not cached.
+        remote2 = CountingSource(blob)
+        cache = BlockCache.open(tmp_path, 0)
+        source = cache.source(remote2, DIGEST)
+        assert await source.read_at(offset, 100) == blob[offset : offset + 100]
+        assert remote2.requests == []
         cache.close()
 
     trio.run(main)

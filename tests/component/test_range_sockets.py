@@ -4,13 +4,21 @@ is handed back (None) or reported (ErrorAnswer, OSError), and connections are re
 from __future__ import annotations
 
 import contextlib
+import itertools
 import socket
 import threading
+import time
 from collections.abc import Callable
 
 import pytest
 
-from overlaybd_py.registry.range_sockets import ErrorAnswer, RangeSockets, parse_response_head
+from overlaybd_py.registry.range_sockets import (
+    PROGRESS_STEP,
+    RANGE_PROGRESS,
+    ErrorAnswer,
+    RangeSockets,
+    parse_response_head,
+)
 
 BLOB = bytes(range(256)) * 4096  # 1 MiB
 
@@ -25,11 +33,13 @@ def partial_content(offset: int, length: int, extra: str = "") -> bytes:
 
 class ScriptedServer:
     """Answers each request with the next answer of ``script``; ``close_after`` closes the
-    connection after that many answers on it."""
+    connection after that many answers on it; ``trickle`` sends answers in pieces."""
 
-    def __init__(self, script: list[Answer], close_after: int | None = None) -> None:
+    def __init__(self, script: list[Answer], close_after: int | None = None,
+                 trickle: int = 0) -> None:
         self.script = list(script)
         self.close_after = close_after
+        self.trickle = trickle  # send answers this many bytes at a time, 2 ms apart
         self.requests: list[bytes] = []
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}/v2/r/blobs/sha256:x"
@@ -58,7 +68,12 @@ class ScriptedServer:
                 self.requests.append(head)
                 rng = next(h for h in head.split(b"\r\n") if h.lower().startswith(b"range:"))
                 first, last = (int(x) for x in rng.split(b"=")[1].split(b"-"))
-                conn.sendall(self.script.pop(0)(first, last - first + 1))
+                answer = self.script.pop(0)(first, last - first + 1)
+                step = self.trickle or len(answer)
+                for start in range(0, len(answer), step):
+                    conn.sendall(answer[start : start + step])
+                    if self.trickle:
+                        time.sleep(0.002)
                 served += 1
                 if self.close_after is not None and served >= self.close_after:
                     return
@@ -83,6 +98,21 @@ def test_plain_206_on_one_kept_alive_connection(sockets):
     first = server.requests[0].decode()
     assert "Authorization: Bearer t" in first and "Range: bytes=0-299999" in first
     server.close()
+
+
+def test_progress_sees_the_body_as_it_arrives(sockets):
+    server = ScriptedServer([partial_content], trickle=64 * 1024)
+    seen: list[tuple[int, bytes]] = []
+    token = RANGE_PROGRESS.set(lambda body, got: seen.append((got, bytes(body[:got]))))
+    try:
+        assert sockets.get_range(server.url, 4096, len(BLOB) - 4096, None) == BLOB[4096:]
+    finally:
+        RANGE_PROGRESS.reset(token)
+    assert seen, "no progress for a 1 MiB body"
+    counts = [got for got, _ in seen]
+    assert all(b - a >= PROGRESS_STEP for a, b in itertools.pairwise(counts))
+    assert counts[0] >= PROGRESS_STEP and counts[-1] < len(BLOB) - 4096
+    assert all(prefix == BLOB[4096 : 4096 + got] for got, prefix in seen)
 
 
 def test_answers_left_to_httpx(sockets):

@@ -125,6 +125,10 @@ def test_record_then_prefetch_from_the_trace(image, registry, tmp_path):  # noqa
     seen = Counter(("sha256:" + digests[f.layer], f.length) for f in log.fetches)
     assert not seen - served
     assert sum(f.length for f in log.fetches) == status["recorder"]["bytes_fetched"]
+    # A read is charged with every fetch it started, one still arriving when it ended too.
+    started = Counter(f.read for f in log.fetches if f.origin == "read")
+    charged = {r.id: r.fetches for r in log.reads}
+    assert started and all(charged[read] >= n for read, n in started.items())
     # The workload's files were read: the trace covers at least their bytes.
     covered = sum(r.count for r in records)
     assert covered >= sum(FILES[p][0] for p in WORKLOAD)
