@@ -249,6 +249,7 @@ async def _serve(args: argparse.Namespace) -> None:
             nursery.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True):
+            await cache.stop_background()
             await client.aclose()
         cache.close()
 

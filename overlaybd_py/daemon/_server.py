@@ -234,6 +234,8 @@ class NodeServer:
                         await self._suspend(served)
             except Exception as exc:  # keep going with the others
                 log.error("stopping %s failed: %s", target, exc)
+        with trio.CancelScope(shield=True):  # kept mounts' sources stay open: stop their
+            await self.cache.stop_background()  # fetches before the cache's files close
         kept = [t for t, s in self._served.items() if s.record.readonly or s.image is None]
         if kept and not self._unmount_at_stop:
             log.info("stopping; %d mount(s) kept for the next start (reads fail with EIO "

@@ -41,6 +41,7 @@ import mmap
 import os
 import struct
 import time
+import weakref
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -219,6 +220,7 @@ class BlockCache:
         self._sizes: dict[str, int] = {}  # digest -> present bytes, for blobs not opened
         self._counters = dict(hits=0, misses=0, bytes_fetched=0, bytes_served=0, requests=0,
                               evictions=0, evicted_bytes=0, corrupt_blocks=0)
+        self._sources: weakref.WeakSet[CachedSource] = weakref.WeakSet()
 
     @classmethod
     def open(cls, root: str | os.PathLike[str], capacity: int = 0) -> BlockCache:
@@ -308,7 +310,14 @@ class BlockCache:
         when done, so the blob's files are closed once no source reads it."""
         source = CachedSource(self, remote, digest)
         self._users[digest] = self._users.get(digest, 0) + 1
+        self._sources.add(source)
         return source
+
+    async def stop_background(self) -> None:
+        """Stop the background fetches of every open source and wait for them: call it
+        before ``close`` while sources stay open (a daemon that keeps its mounts)."""
+        for source in list(self._sources):
+            await source.stop_background()
 
     def _release(self, digest: str) -> None:
         """One source of ``digest`` closed. Closing the last one closes the blob's files
@@ -613,9 +622,6 @@ class CachedSource:
             hole = flags.find(0)
             if hole < 0:
                 return fetched, beyond
-            failed = next((claim.error for claim in mine if claim.error is not None), None)
-            if failed is not None:
-                raise failed
             missing: list[int] = []
             waits: dict[int, trio.Event] = {}
             while hole >= 0:
@@ -625,6 +631,10 @@ class CachedSource:
                 else:
                     waits[id(event)] = event
                 hole = flags.find(0, hole + 1)
+            for claim in mine:  # a fetch this read started behind it failed for its blocks
+                if claim.error is not None and any(claim.first <= b <= claim.last
+                                                   for b in missing):
+                    raise claim.error
             fetched += len(missing)
             extra = 0
             if missing and missing[-1] == last and readahead:
@@ -675,6 +685,10 @@ class CachedSource:
                 await self._fetch(claim)
             except Exception as exc:
                 claim.error = exc
+                log.debug("fetch of %s blocks %d-%d behind a read failed: %s", self.digest,
+                          claim.first, claim.last, exc)
+            finally:
+                claim.release(inflight, claim.last)
 
         async def fetch_all() -> None:
             try:
@@ -702,19 +716,17 @@ class CachedSource:
                                                trio.lowlevel.current_trio_token()))
         try:
             data = await self._remote.read_at(offset, length)
+        except BaseException:
+            if landed.published:  # what arrived before the failure is cached: count it
+                self._count_fetch(landed.published, landed.published * BLOCK)
+            raise
         finally:
             if token is not None:
                 RANGE_PROGRESS.reset(token)
         self.fetch_latencies.append(time.monotonic() - started)
         if len(data) != length:
             raise DeviceError(f"{self.digest}: source returned {len(data)} of {length} bytes")
-        counters = self._cache._counters
-        counters["requests"] += 1
-        counters["misses"] += last - first + 1
-        counters["bytes_fetched"] += length
-        self.requests += 1
-        self.misses += last - first + 1
-        self.bytes_fetched += length
+        self._count_fetch(last - first + 1, length)
         done = landed.published  # blocks already published while the body arrived
         if done <= last - first:
             rest = memoryview(data)[done * BLOCK :]
@@ -724,13 +736,22 @@ class CachedSource:
                 crcs = self._store(rest, offset + done * BLOCK)
             self._publish(first + done, last, crcs)
 
+    def _count_fetch(self, blocks: int, nbytes: int) -> None:
+        counters = self._cache._counters
+        counters["requests"] += 1
+        counters["misses"] += blocks
+        counters["bytes_fetched"] += nbytes
+        self.requests += 1
+        self.misses += blocks
+        self.bytes_fetched += nbytes
+
     def _arriving(self, claim: _Claim, landed: _Landed, trio_token: trio.lowlevel.TrioToken,
                   body: memoryview, received: int) -> None:
         """RANGE_PROGRESS callback (worker thread): hand each new whole piece of the body to
         the event loop, which stores and publishes it."""
         blocks = received // BLOCK // PIECE_BLOCKS * PIECE_BLOCKS
-        if blocks <= landed.handed:
-            return  # a retried read going over what has landed already
+        if blocks <= landed.handed or landed.failed:
+            return  # a retried read going over what has landed already, or a failed store
         start, landed.handed = landed.handed, blocks
         piece = bytes(body[start * BLOCK : blocks * BLOCK])
         with contextlib.suppress(trio.RunFinishedError):  # the loop has ended: drop it
@@ -741,12 +762,17 @@ class CachedSource:
         thread), and wake the readers of the pieces they complete. A read abandoned by a
         cancelled fetch may still deliver: its bytes are good, but not once the files are
         closed."""
-        if self._closed or self._files.closed:
+        if self._closed or self._files.closed or landed.failed:
             return
         first = claim.first + start
         last = first + len(piece) // BLOCK - 1
-        self._publish(first, last, self._store(piece, first * BLOCK))
-        landed.published = max(landed.published, start + len(piece) // BLOCK)
+        try:  # a callback must not raise (trio would end the run): the fetch stores it
+            self._publish(first, last, self._store(piece, first * BLOCK))
+        except Exception as exc:
+            landed.failed = True
+            log.info("block cache: storing part of a fetch of %s failed: %s", self.digest, exc)
+            return
+        landed.published = start + len(piece) // BLOCK
         claim.release(self._files.inflight, last)
 
     def _publish(self, first: int, last: int, crcs: bytes) -> None:
@@ -795,14 +821,18 @@ class CachedSource:
         """Stop reading through the cache (the remote is not closed: it is not ours)."""
         if not self._closed:
             self._closed = True
-            if self._ahead is not None:  # its writes must end before the files may close
-                scope, done = self._ahead
-                scope.cancel()
-                await done.wait()
-            for scope in self._behind:
-                scope.cancel()
-            await self._behind_idle.wait()
+            await self.stop_background()  # their writes must end before the files close
             self._cache._release(self.digest)
+
+    async def stop_background(self) -> None:
+        """Cancel the background read-ahead and the fetches behind reads, and wait for them."""
+        if self._ahead is not None:
+            scope, done = self._ahead
+            scope.cancel()
+            await done.wait()
+        for scope in self._behind:
+            scope.cancel()
+        await self._behind_idle.wait()
 
     async def invalidate(self, offset: int, length: int) -> None:
         """Forget the cached blocks of a range (a layer above found them bad)."""
@@ -929,6 +959,7 @@ class _Landed:
 
     handed: int = 0
     published: int = 0
+    failed: bool = False  # storing a piece failed: the fetch stores the rest itself
 
 
 def _runs(blocks: list[int]) -> list[tuple[int, int]]:

@@ -297,6 +297,74 @@ def test_closing_a_source_stops_a_window_still_arriving(tmp_path):
     trio.run(main)
 
 
+def test_a_window_run_that_stalls_does_not_hold_up_the_readers_of_another(tmp_path):
+    blob = random.Random(7).randbytes(32 << 20)
+
+    class StallingTail(ArrivingSource):
+        """Never answers requests that start at ``stall_at``."""
+
+        def __init__(self, data: bytes) -> None:
+            super().__init__(data)
+            self.stall_at = -1
+            self.stalled: list[int] = []
+
+        async def read_at(self, offset: int, length: int) -> bytes:
+            if offset == self.stall_at:
+                self.stalled.append(offset)
+                await trio.sleep_forever()
+            return await super().read_at(offset, length)
+
+    async def main():
+        remote = StallingTail(blob)
+        cache = BlockCache.open(tmp_path, 0)
+        source = cache.source(remote, DIGEST)
+        await serve(source, 1 << 20, 9 << 20)
+        remote.requests.clear()
+        offset = 20 << 20
+        remote.stall_at = offset + (4 << 20)  # the window's second request (MAX_FETCH each)
+        with trio.fail_after(10):
+            assert await source.read_at(offset, 100) == blob[offset : offset + 100]
+            late = offset + (3 << 20)  # in the first request, which has ended
+            assert await source.read_at(late, 4096) == blob[late : late + 4096]
+        assert remote.stalled == [remote.stall_at]
+        await cache.stop_background()  # what a daemon that keeps its mounts does at stop
+        cache.close()
+
+    trio.run(main)
+
+
+def test_a_piece_that_cannot_be_stored_is_stored_by_its_fetch(tmp_path):
+    """Storing a piece as it arrives runs outside any task: a failure there (a full disk)
+    must not end the event loop; the fetch stores the bytes itself."""
+    blob = random.Random(8).randbytes(32 << 20)
+
+    async def main():
+        remote, cache, source = await windowed_source(tmp_path, blob)
+        remote.gate.set()
+        store = source._store
+        failures = []
+
+        def store_once_failing(data, offset):
+            if not failures and offset == 20 << 20:  # the first piece of the read's fetch
+                failures.append(offset)
+                raise OSError(28, "No space left on device")
+            return store(data, offset)
+
+        source._store = store_once_failing
+        offset = 20 << 20
+        with trio.fail_after(10):
+            assert await source.read_at(offset, 100) == blob[offset : offset + 100]
+            await source.settle()
+        assert failures == [offset]
+        far = offset + (1 << 20)
+        remote.requests.clear()
+        assert await source.read_at(far, 4096) == blob[far : far + 4096]
+        assert remote.requests == []
+        cache.close()
+
+    trio.run(main)
+
+
 def test_windows_nobody_reads_stop(tmp_path):
     blob = random.Random(3).randbytes(176 << 20)
 
