@@ -96,7 +96,10 @@ class NodeConfig:
     proxy: str | None = None
     use_docker_config: bool = True  # registry.credentials = "docker-config" (or "none")
     docker_config_dir: str | None = None  # default: $DOCKER_CONFIG or ~/.docker
-    prefetch_concurrency: int = 4  # parallel range reads of the background download
+    # Parallel range reads of a prefetch (and of the background download). 8: what the
+    # cold-start figures use (200 Mbit/10 ms, zstd: 2 -> 3.1 s, 4 -> 2.5 s, 8 -> 2.4 s,
+    # 16 -> 2.7-3.0 s; bench/README.md).
+    prefetch_concurrency: int = 8
     prefetch_gap: int | None = None  # trace records closer than this merge; None = default
     metrics_address: str | None = None  # host:port for Prometheus, off when unset
     download_rate: int = 0  # bytes/s of the background whole-image download; 0 = off
