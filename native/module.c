@@ -789,23 +789,27 @@ done:
 }
 
 PyDoc_STRVAR(zfile_encode_doc,
-"zfile_encode($module, /, data, algorithm, verify, chunk_size)\n--\n\n"
+"zfile_encode($module, /, data, algorithm, verify, chunk_size, level=0)\n--\n\n"
 "Compress ``data`` in ``chunk_size`` pieces (the last may be short) as ZFile stores them.\n\n"
-"LZ4 chunks are raw blocks (``LZ4_compress_default``), ZSTD chunks whole frames at level 3;\n"
+"LZ4 chunks are raw blocks (``LZ4_compress_default``; LZ4 HC at ``level`` 1-12), ZSTD\n"
+"chunks whole frames at level 3 (or ``level`` 1-22);\n"
 "with ``verify`` each payload is followed by its salted CRC32C. Returns the stored bytes\n"
 "and the jump-table lengths (payload + CRC) of each chunk. Runs without the GIL.");
 
 static PyObject *py_zfile_encode(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
                                  PyObject *kwnames)
 {
-    static const char *const names[] = {"data", "algorithm", "verify", "chunk_size"};
-    PyObject *a[4];
+    static const char *const names[] = {"data", "algorithm", "verify", "chunk_size", "level"};
+    PyObject *a[5] = {NULL, NULL, NULL, NULL, NULL};
     Py_buffer data = {0};
     PyObject *out = NULL, *lengths_array = NULL, *result = NULL;
     uint32_t *lengths = NULL;
     int64_t chunk_size;
     (void)module;
-    if (parse_args("zfile_encode", args, nargs, kwnames, names, 4, 4, a) < 0)
+    if (parse_args("zfile_encode", args, nargs, kwnames, names, 5, 4, a) < 0)
+        return NULL;
+    int64_t level = 0;
+    if (a[4] && to_int64(a[4], &level) < 0)
         return NULL;
     int algorithm = algorithm_of(a[1]);
     int verify = PyObject_IsTrue(a[2]);
@@ -829,6 +833,12 @@ static PyObject *py_zfile_encode(PyObject *module, PyObject *const *args, Py_ssi
         PyErr_SetString(PyExc_ValueError, "zfile algorithm must be 1 (lz4) or 2 (zstd)");
         goto done;
     }
+    if (n && (level < 0 || level > (algorithm == 1 ? 12 : 22))) {
+        PyErr_Format(PyExc_ValueError, "%s compression level must be 0-%d, not %lld",
+                     algorithm == 1 ? "lz4" : "zstd", algorithm == 1 ? 12 : 22,
+                     (long long)level);
+        goto done;
+    }
     size_t step = chunk_size > 0 && (uint64_t)chunk_size < SIZE_MAX ? (size_t)chunk_size
                                                                      : SIZE_MAX;
     size_t count = 0, bound = 0, written = 0;
@@ -850,7 +860,7 @@ static PyObject *py_zfile_encode(PyObject *module, PyObject *const *args, Py_ssi
     int rc = OBD_ZFILE_OK;
     if (n) {
         Py_BEGIN_ALLOW_THREADS
-        rc = obd_zfile_encode(data.buf, n, algorithm, verify, step,
+        rc = obd_zfile_encode(data.buf, n, algorithm, verify, step, (int)level,
                               (unsigned char *)PyBytes_AS_STRING(out), bound, lengths,
                               &written);
         Py_END_ALLOW_THREADS

@@ -14,6 +14,7 @@
 
 #include <limits.h>
 #include <lz4.h>
+#include <lz4hc.h>
 #include <pthread.h>
 #include <string.h>
 #include <zstd.h>
@@ -213,13 +214,16 @@ int obd_zfile_encode_bound(size_t n, int algorithm, int verify, size_t chunk_siz
 }
 
 int obd_zfile_encode(const unsigned char *data, size_t n, int algorithm, int verify,
-                     size_t chunk_size, unsigned char *out, size_t cap, uint32_t *lengths,
-                     size_t *written)
+                     size_t chunk_size, int level, unsigned char *out, size_t cap,
+                     uint32_t *lengths, size_t *written)
 {
     ZSTD_CCtx *cctx = NULL;
     size_t used = 0;
     *written = 0;
     if (algorithm != OBD_ALGO_LZ4 && algorithm != OBD_ALGO_ZSTD)
+        return OBD_ZFILE_COMPRESS;
+    if (level < 0 || level > (algorithm == OBD_ALGO_LZ4 ? OBD_LZ4HC_LEVEL_MAX
+                                                        : OBD_ZSTD_LEVEL_MAX))
         return OBD_ZFILE_COMPRESS;
     if (algorithm == OBD_ALGO_ZSTD && n) {
         cctx = thread_cctx();
@@ -235,14 +239,18 @@ int obd_zfile_encode(const unsigned char *data, size_t n, int algorithm, int ver
         if (algorithm == OBD_ALGO_LZ4) {
             if (piece > LZ4_MAX_INPUT_SIZE)
                 return OBD_ZFILE_TOO_LARGE;
-            int got = LZ4_compress_default((const char *)data + pos, (char *)out + used,
-                                           (int)piece, room > INT_MAX ? INT_MAX : (int)room);
+            int cap_int = room > INT_MAX ? INT_MAX : (int)room;
+            /* LZ4 HC writes the same block format: any LZ4 reader decodes it. */
+            int got = level ? LZ4_compress_HC((const char *)data + pos, (char *)out + used,
+                                              (int)piece, cap_int, level)
+                            : LZ4_compress_default((const char *)data + pos,
+                                                   (char *)out + used, (int)piece, cap_int);
             if (got <= 0)
                 return OBD_ZFILE_COMPRESS;
             size = (size_t)got;
         } else {
             size = ZSTD_compressCCtx(cctx, out + used, room, data + pos, piece,
-                                     OBD_ZSTD_LEVEL);
+                                     level ? level : OBD_ZSTD_LEVEL);
             if (ZSTD_isError(size))
                 return OBD_ZFILE_COMPRESS;
         }

@@ -8,7 +8,9 @@
 #define OBD_ALGO_LZ4 1
 #define OBD_ALGO_ZSTD 2
 #define OBD_CHUNK_CRC_SEED 100007u /* overlaybd's salt for chunk CRCs */
-#define OBD_ZSTD_LEVEL 3
+#define OBD_ZSTD_LEVEL 3 /* the original's; level 0 selects it (and LZ4_compress_default) */
+#define OBD_LZ4HC_LEVEL_MAX 12
+#define OBD_ZSTD_LEVEL_MAX 22
 
 enum {
     OBD_ZFILE_OK = 0,
@@ -48,8 +50,8 @@ int obd_zfile_encode_bound(size_t n, int algorithm, int verify, size_t chunk_siz
  * salted CRC32C when `verify`. Writes at most `cap` bytes to out and the stored length of
  * every chunk to lengths; *written receives the byte count. Thread safe. */
 int obd_zfile_encode(const unsigned char *data, size_t n, int algorithm, int verify,
-                     size_t chunk_size, unsigned char *out, size_t cap, uint32_t *lengths,
-                     size_t *written);
+                     size_t chunk_size, int level, unsigned char *out, size_t cap,
+                     uint32_t *lengths, size_t *written);
 
 /* Versions of the codec libraries loaded at run time. */
 const char *obd_lz4_version(void);

@@ -44,7 +44,8 @@ def zfile_decode(
     last_length: int,
 ) -> bytes: ...
 def zfile_encode(
-    data: bytes | bytearray | memoryview, algorithm: int, verify: bool, chunk_size: int
+    data: bytes | bytearray | memoryview, algorithm: int, verify: bool, chunk_size: int,
+    level: int = 0,
 ) -> tuple[bytes, array]: ...
 
 # Test hook: CRC32C with the portable table code, whatever the CPU supports.

@@ -47,10 +47,13 @@ Columns = tuple[array, array, array, array, array]
 _zstd_local = threading.local()
 
 
-def _zstd_compressor() -> zstandard.ZstdCompressor:
-    compressor = getattr(_zstd_local, "compressor", None)
+def _zstd_compressor(level: int = 3) -> zstandard.ZstdCompressor:
+    compressors = getattr(_zstd_local, "compressors", None)
+    if compressors is None:
+        compressors = _zstd_local.compressors = {}
+    compressor = compressors.get(level)
     if compressor is None:
-        compressor = _zstd_local.compressor = zstandard.ZstdCompressor(level=3)
+        compressor = compressors[level] = zstandard.ZstdCompressor(level=level)
     return compressor
 
 
@@ -293,21 +296,29 @@ def zfile_decode(
 
 
 def zfile_encode(
-    data: bytes | bytearray | memoryview, algorithm: int, verify: bool, chunk_size: int
+    data: bytes | bytearray | memoryview, algorithm: int, verify: bool, chunk_size: int,
+    level: int = 0,
 ) -> tuple[bytes, array]:
     """Compress ``data`` in ``chunk_size`` pieces (the last may be short) as ZFile stores them.
 
-    LZ4 chunks are raw blocks (``LZ4_compress_default``), ZSTD chunks whole frames at level 3;
-    with ``verify`` each payload is followed by its salted CRC32C. Returns the stored bytes
-    and the jump-table lengths (payload + CRC) of each chunk.
+    LZ4 chunks are raw blocks (``LZ4_compress_default``; LZ4 HC at ``level`` 1-12), ZSTD
+    chunks whole frames at level 3 (or ``level`` 1-22); with ``verify`` each payload is
+    followed by its salted CRC32C. Returns the stored bytes and the jump-table lengths
+    (payload + CRC) of each chunk.
     """
+    if data and algorithm in (1, 2) and not 0 <= level <= (12 if algorithm == 1 else 22):
+        name, top = ("lz4", 12) if algorithm == 1 else ("zstd", 22)
+        raise ValueError(f"{name} compression level must be 0-{top}, not {level}")
     out = bytearray()
     lengths = array("I")
     view = memoryview(data)
-    zstd = _zstd_compressor() if algorithm == 2 else None
+    zstd = _zstd_compressor(level or 3) if algorithm == 2 else None
     for pos in range(0, len(view), chunk_size):
         chunk = view[pos : pos + chunk_size]
-        if algorithm == 1:
+        if algorithm == 1 and level:
+            payload = lz4.block.compress(chunk, mode="high_compression", compression=level,
+                                         store_size=False)
+        elif algorithm == 1:
             payload = lz4.block.compress(chunk, mode="default", store_size=False)
         else:
             payload = zstd.compress(chunk)

@@ -17,7 +17,7 @@ from ..formats.oci import Platform
 from ..registry import Reference
 from ._output import emit_json
 from .image import client_from_args, registry_options
-from .layer import _chunk_size
+from .layer import _chunk_size, add_level_option, checked_level
 
 __all__ = ["register"]
 
@@ -45,7 +45,7 @@ def _convert(args: argparse.Namespace) -> int:
         raise UsageError(f"--dest {args.dest}: name a tag to push to")
     options = ConvertOptions(
         referrer=args.referrer, dest=dest, flavour=args.flavour, algorithm=args.algorithm,
-        chunk_size=args.chunk_size, vsize=args.vsize,
+        chunk_size=args.chunk_size, level=checked_level(args), vsize=args.vsize,
         platform=Platform.from_spec(args.platform) if args.platform else None,
         cache_dir=None if args.no_cache else (args.cache_dir or DEFAULT_CACHE),
         work_dir=args.work_dir,
@@ -88,6 +88,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--algorithm", choices=("lz4", "zstd"), default="lz4")
     p.add_argument("--chunk-size", type=_chunk_size, default=4096, metavar="KIB",
                    help="ZFile chunk size in KiB: 4, 8, 16, 32 or 64 (default 4)")
+    add_level_option(p)
     p.add_argument("--platform", metavar="OS/ARCH[/VARIANT]",
                    help="convert only this platform of an index (default: all)")
     p.add_argument("--vsize", type=_vsize, default=64 << 30, metavar="GIB",

@@ -11,6 +11,7 @@ from ..engine import layer_files
 from ..engine.mkfs import mkfs_into
 from ..engine.writable import WritableLayer
 from ..errors import FormatError, UsageError
+from ..formats import zfile
 from ..formats.lsmt import NULL_UUID, check_uuid
 from ._output import emit_json, emit_table, human_bytes
 
@@ -27,6 +28,24 @@ def _chunk_size(text: str) -> int:
     if kib not in (4, 8, 16, 32, 64):
         raise argparse.ArgumentTypeError("chunk size must be 4, 8, 16, 32 or 64 (KiB)")
     return kib * 1024
+
+
+def add_level_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--level", type=int, default=0, metavar="N",
+                        help="compression level: lz4 1-12 (LZ4 HC), zstd 1-22; 0 (default): "
+                             "the original's (LZ4 default, zstd 3). Higher: smaller "
+                             "downloads, slower conversion, the same decoding")
+
+
+def checked_level(args: argparse.Namespace) -> int:
+    """``--level``, checked against ``--algorithm`` (UsageError naming both)."""
+    if args.level and not args.algorithm:
+        raise UsageError("--level needs --algorithm lz4 or zstd")
+    try:
+        zfile.check_level(args.algorithm or "lz4", args.level)
+    except ValueError as exc:
+        raise UsageError(f"--level {args.level}: {exc}") from None
+    return args.level
 
 
 def _uuid(text: str) -> str:
@@ -118,11 +137,13 @@ def _create_cmd(args: argparse.Namespace) -> int:
 
 
 def _commit(args: argparse.Namespace) -> int:
+    level = checked_level(args)
     _need_file(args.data)
     _need_file(args.index)
     result = layer_files.commit_layer(
         args.data, args.index, args.out, algorithm=args.algorithm, chunk_size=args.chunk_size,
         tar=args.tar, layer_uuid=args.uuid, parent_uuid=args.parent_uuid, message=args.message,
+        level=level,
     )
     if args.json:
         emit_json({"output": result.path, "size": result.size, "segments": result.segments,
@@ -133,9 +154,10 @@ def _commit(args: argparse.Namespace) -> int:
 
 
 def _compress(args: argparse.Namespace) -> int:
+    level = checked_level(args)
     _need_file(args.input)
     size = layer_files.compress_file(args.input, args.output, algorithm=args.algorithm,
-                                     chunk_size=args.chunk_size)
+                                     chunk_size=args.chunk_size, level=level)
     if args.json:
         emit_json({"output": args.output, "size": size})
     else:
@@ -198,6 +220,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="write a ZFile (header-overwrite) with this compression")
     p.add_argument("--chunk-size", type=_chunk_size, default=4096, metavar="KIB",
                    help="ZFile chunk size in KiB: 4, 8, 16, 32 or 64 (default 4)")
+    add_level_option(p)
     p.add_argument("--tar", action="store_true", help="wrap the result in a tar (the blob form)")
     p.add_argument("--uuid", type=_uuid, help="layer UUID (default: all zeros)")
     p.add_argument("--parent-uuid", type=_uuid, help="parent UUID (default: from the data file)")
@@ -210,6 +233,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("output")
     p.add_argument("--algorithm", choices=("lz4", "zstd"), default="lz4")
     p.add_argument("--chunk-size", type=_chunk_size, default=4096, metavar="KIB")
+    add_level_option(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_compress)
 

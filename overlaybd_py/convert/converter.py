@@ -42,7 +42,7 @@ from ..engine.source import FileSource
 from ..engine.writable import WritableLayer
 from ..engine.zfile_source import DecodedChunkCache
 from ..errors import FormatError, UsageError
-from ..formats import oci
+from ..formats import oci, zfile
 from ..formats.lsmt import NULL_UUID
 from ..formats.oci import Descriptor, Index, Manifest, Platform
 from ..fusefs import BlockFs, serve_blockfs
@@ -71,10 +71,17 @@ class ConvertOptions:
     flavour: str = "upstream"
     algorithm: str = "lz4"
     chunk_size: int = 4096
+    level: int = 0  # compression level; 0: the original's (see formats.zfile.MAX_LEVEL)
     vsize: int = 64 * GIB
     platform: Platform | None = None
     cache_dir: str | None = None  # None: no converted-layer cache
     work_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        try:  # refused before any layer is downloaded, not when the first one is sealed
+            zfile.check_level(self.algorithm, self.level)
+        except (KeyError, ValueError) as exc:
+            raise UsageError(f"convert: {exc}") from None
 
 
 @dataclass
@@ -249,7 +256,7 @@ class Converter:
     def _key(self, layer: _Layer) -> str:
         o = self.options
         return cache_key(layer.chain_id, algorithm=o.algorithm, chunk_size=o.chunk_size,
-                         vsize=o.vsize)
+                         vsize=o.vsize, level=o.level)
 
     async def _apply(self, ref: Reference, layer: _Layer, lowers: list[Layer]) -> WritableLayer:
         """Apply the source layer on a new writable layer over ``lowers``; return it closed
@@ -311,7 +318,7 @@ class Converter:
         result = await trio.to_thread.run_sync(partial(
             commit_layer, data, index, str(out), algorithm=self.options.algorithm,
             chunk_size=self.options.chunk_size, tar=True, layer_uuid=layer.uuid,
-            parent_uuid=layer.parent_uuid))
+            parent_uuid=layer.parent_uuid, level=self.options.level))
         digest = await trio.to_thread.run_sync(_sha256_file, out)
         # The writable pair is no longer needed once sealed (the view of it may still be
         # open as a lower: unlinking keeps its data readable until then).

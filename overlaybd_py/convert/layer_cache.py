@@ -26,10 +26,13 @@ log = logging.getLogger(__name__)
 FORMAT = 1
 
 
-def cache_key(chain_id: str, *, algorithm: str, chunk_size: int, vsize: int) -> str:
-    material = json.dumps({"format": FORMAT, "chain_id": chain_id, "algorithm": algorithm,
-                           "chunk_size": chunk_size, "vsize": vsize}, sort_keys=True)
-    return hashlib.sha256(material.encode()).hexdigest()
+def cache_key(chain_id: str, *, algorithm: str, chunk_size: int, vsize: int,
+              level: int = 0) -> str:
+    fields = {"format": FORMAT, "chain_id": chain_id, "algorithm": algorithm,
+              "chunk_size": chunk_size, "vsize": vsize}
+    if level:  # absent at the default level: keys made before levels existed still match
+        fields["level"] = level
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
 @dataclass

@@ -80,11 +80,12 @@ class _Wrapper:
     """Routes plaintext through an optional ZFile builder and an optional tar wrapper."""
 
     def __init__(self, out: _Output, algorithm: int | None, chunk_size: int, tar: bool,
-                 overwrite_header: bool) -> None:
+                 overwrite_header: bool, level: int = 0) -> None:
         self.out = out
         self.tar = tar
         self.overwrite_header = overwrite_header
-        self.builder = zfile.ZFileBuilder(algorithm, chunk_size) if algorithm else None
+        self.builder = zfile.ZFileBuilder(algorithm, chunk_size, level=level) \
+            if algorithm else None
         if tar:
             out.write(bytes(1536))  # the real wrapper head is written once the size is known
         self.payload_start = out.pos
@@ -116,9 +117,11 @@ class CommitResult:
 
 def commit_layer(data_path: str, index_path: str, out_path: str, *, algorithm: str | None = None,
                  chunk_size: int = 4096, tar: bool = False, layer_uuid: str | None = None,
-                 parent_uuid: str | None = None, message: str = "") -> CommitResult:
+                 parent_uuid: str | None = None, message: str = "",
+                 level: int = 0) -> CommitResult:
     """Seal a writable pair into ``out_path`` (``overlaybd-commit``): a plain sealed LSMT, or
-    with ``algorithm`` a header-overwrite ZFile, optionally tar-wrapped."""
+    with ``algorithm`` a header-overwrite ZFile (at compression ``level``; 0: the original's),
+    optionally tar-wrapped."""
     tag = message.encode()
     if len(tag) > lsmt.USER_TAG_SIZE:
         raise UsageError(f"commit message is {len(tag)} bytes; at most 256 are allowed")
@@ -131,7 +134,7 @@ def commit_layer(data_path: str, index_path: str, out_path: str, *, algorithm: s
         )
         algo = zfile.ALGORITHMS[algorithm] if algorithm else None
         with _output(out_path) as out:
-            sink = _Wrapper(out, algo, chunk_size, tar, overwrite_header=True)
+            sink = _Wrapper(out, algo, chunk_size, tar, overwrite_header=True, level=level)
             sink.write(plan.header)
             for offset, length in plan.copies:
                 for pos in range(0, length, COPY_BLOCK):
@@ -146,10 +149,11 @@ def commit_layer(data_path: str, index_path: str, out_path: str, *, algorithm: s
 
 
 def compress_file(in_path: str, out_path: str, *, algorithm: str = "lz4",
-                  chunk_size: int = 4096, tar: bool = False) -> int:
+                  chunk_size: int = 4096, tar: bool = False, level: int = 0) -> int:
     """ZFile-compress any file, trailer-only (``overlaybd-zfile``). Returns the output size."""
     with open(in_path, "rb") as src, _output(out_path) as out:
-        sink = _Wrapper(out, zfile.ALGORITHMS[algorithm], chunk_size, tar, overwrite_header=False)
+        sink = _Wrapper(out, zfile.ALGORITHMS[algorithm], chunk_size, tar,
+                        overwrite_header=False, level=level)
         while block := src.read(COPY_BLOCK):
             sink.write(block)
         sink.finish()
@@ -259,6 +263,7 @@ async def inspect_file(path: str) -> dict:
         ht = layer.zfile.index.header
         info.update({
             "algorithm": ht.algorithm_name,
+            "level": ht.level,  # as the writer recorded it; 0: the codec's default
             "chunk_size": ht.block_size,
             "chunks": layer.zfile.index.chunks,
             "checksummed": ht.verify,

@@ -48,6 +48,17 @@ ALGO_LZ4 = 1
 ALGO_ZSTD = 2
 ALGORITHMS = {"lz4": ALGO_LZ4, "zstd": ALGO_ZSTD}
 ALGORITHM_NAMES = {v: k for k, v in ALGORITHMS.items()}
+# Compression levels a writer may ask for; 0 is the original's (LZ4_compress_default, zstd
+# level 3). LZ4 levels select LZ4 HC, which writes the same block format.
+MAX_LEVEL = {ALGO_LZ4: 12, ALGO_ZSTD: 22}
+
+
+def check_level(algorithm: str, level: int) -> None:
+    """ValueError unless ``level`` suits ``algorithm`` ("lz4" or "zstd")."""
+    top = MAX_LEVEL[ALGORITHMS[algorithm]]
+    if not 0 <= level <= top:
+        raise ValueError(f"{algorithm} compression level must be 0-{top} (0: the default), "
+                         f"not {level}")
 
 # magic0 magic1 size digest flags index_offset index_size original_size index_crc reserved
 # block_size algo level use_dict pad reserved dict_size verify pad[7]
@@ -356,14 +367,16 @@ class ZFileBuilder:
     the trailer-only variant (what ``overlaybd-zfile`` does).
     """
 
-    def __init__(self, algorithm: int = ALGO_LZ4, chunk_size: int = 4096, verify: bool = True):
+    def __init__(self, algorithm: int = ALGO_LZ4, chunk_size: int = 4096, verify: bool = True,
+                 level: int = 0):
         if algorithm not in ALGORITHM_NAMES:
             raise ValueError(f"unknown zfile algorithm {algorithm}")
         if chunk_size not in CHUNK_SIZES:
             raise ValueError(f"chunk size {chunk_size} is not 4, 8, 16, 32 or 64 KiB")
+        check_level(ALGORITHM_NAMES[algorithm], level)
         self._base = ZFileHeader(
             flags=FLAG_HEADER | FLAG_DATA | FLAG_DIGEST, block_size=chunk_size,
-            algorithm=algorithm, verify=verify,
+            algorithm=algorithm, level=level, verify=verify,
         )
         self._pending = bytearray()
         self._lengths = array("I")
@@ -376,7 +389,8 @@ class ZFileBuilder:
 
     def _encode(self, data: bytes | memoryview) -> bytes:
         out, lengths = _accel.zfile_encode(
-            data, self._base.algorithm, self._base.verify, self._base.block_size
+            data, self._base.algorithm, self._base.verify, self._base.block_size,
+            self._base.level,
         )
         self._lengths.extend(lengths)
         self._written += len(out)

@@ -170,6 +170,12 @@ def test_verify_reports_corruption(tmp_path):
     (["layer", "commit", "a", "b", "c", "--chunk-size", "3"], "chunk size"),
     (["layer", "inspect", "/nonexistent"], "no such file"),
     (["layer", "create", "d", "i", "0"], "virtual size"),
+    (["layer", "compress", "a", "b", "--level", "13"], "lz4 compression level must be 0-12"),
+    (["layer", "compress", "a", "b", "--algorithm", "zstd", "--level", "30"],
+     "zstd compression level must be 0-22"),
+    (["layer", "commit", "a", "b", "c", "--level", "5"], "--level needs --algorithm"),
+    (["convert", "r/x:1", "--referrer", "--algorithm", "zstd", "--level", "23"],
+     "zstd compression level must be 0-22"),
 ])
 def test_usage_errors_exit_2(args, message):
     proc = cli(*args, check=False)
@@ -185,3 +191,22 @@ def test_zfile_chunk_sizes_roundtrip(tmp_path):
         assert info["chunk_size"] == kib * 1024 and zfile.is_zfile(out.read_bytes()[:512])
         cli("layer", "decompress", out, tmp_path / "plain")
         assert (tmp_path / "plain").read_bytes() == sample_bytes("l0.commit")
+
+
+def test_compress_and_commit_at_a_higher_level(tmp_path):
+    """--level: smaller files that decode to the same bytes (and the same layer)."""
+    sizes = {}
+    for level in ("0", "9"):
+        out = tmp_path / f"l{level}.zfile"
+        cli("layer", "compress", sample("l1.commit"), out, "--level", level)
+        sizes[level] = out.stat().st_size
+        cli("layer", "decompress", out, tmp_path / "plain")
+        assert (tmp_path / "plain").read_bytes() == sample_bytes("l1.commit")
+    assert sizes["9"] < sizes["0"]
+    data, index = tmp_path / "data", tmp_path / "index"
+    cli("layer", "create", data, index, "1")
+    committed = tmp_path / "c.zfile"
+    cli("layer", "commit", data, index, committed, "--algorithm", "zstd", "--level", "19")
+    info = json.loads(cli("layer", "inspect", committed, "--json").stdout)
+    assert info["algorithm"] == "zstd"
+    cli("layer", "verify", committed)

@@ -9,6 +9,8 @@ import json
 import os
 import random
 import subprocess
+import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -159,7 +161,7 @@ def test_dest_conversion_round_trips_through_skopeo(node, source, registry, tmp_
     ref, _image, oracle = source
     dest = f"{registry.host}/convert/features:obd"
     summary = json.loads(convert(node, ref, "--dest", dest, "--algorithm", "zstd",
-                                 "--chunk-size", "16", "--no-cache").stdout)
+                                 "--chunk-size", "16", "--level", "9", "--no-cache").stdout)
     assert summary["pushed"][0]["reference"] == dest
     info = json.loads(skopeo("inspect", "--tls-verify=false", f"docker://{dest}").stdout)
     assert len(info["Layers"]) == 3
@@ -175,6 +177,17 @@ def test_dest_conversion_round_trips_through_skopeo(node, source, registry, tmp_
     assert config["rootfs"]["diff_ids"] == [layer["digest"] for layer in manifest["layers"]]
     assert config["config"]["Cmd"] == ["/bin/sh"]  # the rest of the config is kept
     skopeo("copy", "--src-tls-verify=false", f"docker://{dest}", f"oci:{tmp_path}/copy:obd")
+    for layer in manifest["layers"]:  # written at the level asked for
+        blob = tmp_path / "blob"
+        url = f"http://{registry.host}/v2/convert/features/blobs/{layer['digest']}"
+        with urllib.request.urlopen(url) as answer:
+            blob.write_bytes(answer.read())
+        proc = subprocess.run(
+            [sys.executable, "-m", "overlaybd_py", "layer", "inspect", "--json", str(blob)],
+            capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        info = json.loads(proc.stdout)
+        assert (info["algorithm"], info["level"], info["chunk_size"]) == ("zstd", 9, 16384)
     target = tmp_path / "mnt"
     node.mount(dest, target)
     _compare_with_oracle(target, oracle)

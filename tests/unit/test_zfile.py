@@ -119,6 +119,33 @@ def test_native_zstd_is_byte_identical_to_the_original(accel):
     assert out == sample_bytes("l1.commit.zstd.zfile")
 
 
+@pytest.mark.parametrize("algorithm, level", [(zfile.ALGO_LZ4, 9), (zfile.ALGO_ZSTD, 19)])
+def test_a_higher_level_is_smaller_and_decodes_the_same(accel, algorithm, level):
+    """LZ4 HC and high zstd levels write chunks any reader decodes (same block format)."""
+    source = sample_bytes("l1.commit")
+
+    def build(level: int) -> bytes:
+        builder = zfile.ZFileBuilder(algorithm, 16384, level=level)
+        return builder.head() + builder.add(source) + builder.finish()
+
+    default, higher = build(0), build(level)
+    assert len(higher) < len(default)
+    index = open_index(higher)
+    assert index.header.level == level and open_index(default).header.level == 0
+    body = higher[index.starts[0] : index.starts[-1]]
+    assert zfile.decode_chunks(index, 0, body, index.chunks) == source
+
+
+@pytest.mark.parametrize("algorithm, level", [
+    (zfile.ALGO_LZ4, 13), (zfile.ALGO_ZSTD, 23), (zfile.ALGO_LZ4, -1)])
+def test_levels_out_of_range_are_refused(accel, algorithm, level):
+    name = zfile.ALGORITHM_NAMES[algorithm]
+    with pytest.raises(ValueError, match=f"{name} compression level must be 0-"):
+        zfile.ZFileBuilder(algorithm, 4096, level=level)
+    with pytest.raises(ValueError, match=f"{name} compression level must be 0-"):
+        accel.zfile_encode(b"x" * 5000, algorithm, True, 4096, level)
+
+
 def _flip(data: bytes, offset: int) -> bytes:
     return data[:offset] + bytes([data[offset] ^ 0x40]) + data[offset + 1 :]
 

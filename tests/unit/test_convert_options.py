@@ -1,0 +1,26 @@
+"""Converter options checked before any work, and the converted-layer cache key."""
+
+from __future__ import annotations
+
+import pytest
+
+from overlaybd_py.convert.converter import ConvertOptions
+from overlaybd_py.convert.layer_cache import cache_key
+from overlaybd_py.errors import UsageError
+
+CHAIN = "sha256:" + "cd" * 32
+
+
+@pytest.mark.parametrize("algorithm, level", [("lz4", 13), ("zstd", 23), ("zstd", -1)])
+def test_a_level_the_codec_has_not_is_refused_up_front(algorithm, level):
+    with pytest.raises(UsageError, match=f"{algorithm} compression level must be 0-"):
+        ConvertOptions(algorithm=algorithm, level=level)
+
+
+def test_the_level_is_part_of_the_cache_key_but_not_at_the_default():
+    def key(**kw):
+        return cache_key(CHAIN, algorithm="zstd", chunk_size=65536, vsize=64 << 30, **kw)
+
+    # Layers converted before levels existed keep their key.
+    assert key() == key(level=0)
+    assert key(level=9) != key() and key(level=9) != key(level=19)
