@@ -833,10 +833,10 @@ static PyObject *py_zfile_encode(PyObject *module, PyObject *const *args, Py_ssi
         PyErr_SetString(PyExc_ValueError, "zfile algorithm must be 1 (lz4) or 2 (zstd)");
         goto done;
     }
-    if (n && (level < 0 || level > (algorithm == 1 ? 12 : 22))) {
-        PyErr_Format(PyExc_ValueError, "%s compression level must be 0-%d, not %lld",
-                     algorithm == 1 ? "lz4" : "zstd", algorithm == 1 ? 12 : 22,
-                     (long long)level);
+    int top = algorithm == 1 ? OBD_LZ4HC_LEVEL_MAX : OBD_ZSTD_LEVEL_MAX;
+    if (n && (level < 0 || level > top)) {
+        PyErr_Format(PyExc_ValueError, "%s compression level must be 0-%d, not %S",
+                     algorithm == 1 ? "lz4" : "zstd", top, a[4]);
         goto done;
     }
     size_t step = chunk_size > 0 && (uint64_t)chunk_size < SIZE_MAX ? (size_t)chunk_size

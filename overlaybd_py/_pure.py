@@ -306,14 +306,17 @@ def zfile_encode(
     followed by its salted CRC32C. Returns the stored bytes and the jump-table lengths
     (payload + CRC) of each chunk.
     """
-    if data and algorithm in (1, 2) and not 0 <= level <= (12 if algorithm == 1 else 22):
-        name, top = ("lz4", 12) if algorithm == 1 else ("zstd", 22)
-        raise ValueError(f"{name} compression level must be 0-{top}, not {level}")
+    if not isinstance(level, int):
+        raise TypeError(f"level must be an int, not {type(level).__name__}")
     out = bytearray()
     lengths = array("I")
     view = memoryview(data)
-    zstd = _zstd_compressor(level or 3) if algorithm == 2 else None
-    for pos in range(0, len(view), chunk_size):
+    starts = range(0, len(view), chunk_size)  # a step of 0: range()'s own ValueError
+    if starts and algorithm in (1, 2) and not 0 <= level <= (12 if algorithm == 1 else 22):
+        name, top = ("lz4", 12) if algorithm == 1 else ("zstd", 22)
+        raise ValueError(f"{name} compression level must be 0-{top}, not {level}")
+    zstd = _zstd_compressor(level or 3) if algorithm == 2 and starts else None
+    for pos in starts:
         chunk = view[pos : pos + chunk_size]
         if algorithm == 1 and level:
             payload = lz4.block.compress(chunk, mode="high_compression", compression=level,

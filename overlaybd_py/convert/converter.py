@@ -80,7 +80,7 @@ class ConvertOptions:
     def __post_init__(self) -> None:
         try:  # refused before any layer is downloaded, not when the first one is sealed
             zfile.check_level(self.algorithm, self.level)
-        except (KeyError, ValueError) as exc:
+        except ValueError as exc:
             raise UsageError(f"convert: {exc}") from None
 
 

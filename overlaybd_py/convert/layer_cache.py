@@ -1,7 +1,8 @@
 """The converted-layer cache: skip layers converted before, reuse blobs across repositories.
 
 An entry is keyed by the source layer's chainID plus every option that changes the output
-(algorithm, chunk size, virtual size, our format version). It is valid only on top of the
+(algorithm, chunk size, compression level when not the default, virtual size, our format
+version). It is valid only on top of the
 exact converted layer it was built on (``lower``), because the ext4 it extends must be the
 same bytes; the converter therefore uses hits only for a prefix of the image's layers.
 Entries are published atomically (blob, then its JSON record, both renamed into place).

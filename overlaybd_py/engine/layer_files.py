@@ -122,6 +122,8 @@ def commit_layer(data_path: str, index_path: str, out_path: str, *, algorithm: s
     """Seal a writable pair into ``out_path`` (``overlaybd-commit``): a plain sealed LSMT, or
     with ``algorithm`` a header-overwrite ZFile (at compression ``level``; 0: the original's),
     optionally tar-wrapped."""
+    if level and not algorithm:
+        raise UsageError("a compression level needs a compression algorithm (lz4 or zstd)")
     tag = message.encode()
     if len(tag) > lsmt.USER_TAG_SIZE:
         raise UsageError(f"commit message is {len(tag)} bytes; at most 256 are allowed")

@@ -55,6 +55,10 @@ MAX_LEVEL = {ALGO_LZ4: 12, ALGO_ZSTD: 22}
 
 def check_level(algorithm: str, level: int) -> None:
     """ValueError unless ``level`` suits ``algorithm`` ("lz4" or "zstd")."""
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"unknown compression algorithm {algorithm!r} (lz4 or zstd)")
+    if not isinstance(level, int) or isinstance(level, bool):
+        raise ValueError(f"compression level must be an integer, not {level!r}")
     top = MAX_LEVEL[ALGORITHMS[algorithm]]
     if not 0 <= level <= top:
         raise ValueError(f"{algorithm} compression level must be 0-{top} (0: the default), "

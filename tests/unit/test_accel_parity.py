@@ -374,6 +374,14 @@ def test_malformed_arguments(native):
     assert plain(native.merge(iter([table, table]))) == plain(_pure.merge(iter([table, table])))
     same(native, "zfile_encode", b"abc", 1, True, 0)  # ValueError from range()
     same(native, "zfile_encode", b"abc", 1, True, -4096)  # no chunks
+    # Compression levels: refused (same message) only when there is something to compress.
+    for algorithm, level in ((1, 13), (2, 23), (1, -1), (2, 2**64)):
+        same(native, "zfile_encode", b"abc", algorithm, True, 4096, level, exact_error=True)
+        same(native, "zfile_encode", b"", algorithm, True, 4096, level)
+    same(native, "zfile_encode", b"abc", 1, True, -4096, 99)  # no chunks: nothing to refuse
+    same(native, "zfile_encode", b"abc", 1, True, 0, 99)  # range() speaks first
+    same(native, "zfile_encode", b"abc", 1, True, 4096, 5.0)  # TypeError
+    same(native, "zfile_encode", b"", 1, True, 4096, "9")  # TypeError
     same(native, "crc32c", "text")
     same(native, "zfile_decode", "text", array("I"), 1, True, 4096, 0)
 

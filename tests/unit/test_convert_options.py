@@ -6,6 +6,7 @@ import pytest
 
 from overlaybd_py.convert.converter import ConvertOptions
 from overlaybd_py.convert.layer_cache import cache_key
+from overlaybd_py.engine.layer_files import commit_layer
 from overlaybd_py.errors import UsageError
 
 CHAIN = "sha256:" + "cd" * 32
@@ -15,6 +16,21 @@ CHAIN = "sha256:" + "cd" * 32
 def test_a_level_the_codec_has_not_is_refused_up_front(algorithm, level):
     with pytest.raises(UsageError, match=f"{algorithm} compression level must be 0-"):
         ConvertOptions(algorithm=algorithm, level=level)
+
+
+@pytest.mark.parametrize("options, match", [
+    (dict(algorithm="brotli"), "unknown compression algorithm 'brotli'"),
+    (dict(level=5.0), "must be an integer"),
+    (dict(level=True), "must be an integer"),
+])
+def test_other_bad_compression_options_are_usage_errors(options, match):
+    with pytest.raises(UsageError, match=match):
+        ConvertOptions(**options)
+
+
+def test_a_level_without_an_algorithm_is_refused_by_commit():
+    with pytest.raises(UsageError, match="needs a compression algorithm"):
+        commit_layer("/nonexistent/data", "/nonexistent/index", "/nonexistent/out", level=5)
 
 
 def test_the_level_is_part_of_the_cache_key_but_not_at_the_default():
