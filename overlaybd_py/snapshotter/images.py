@@ -64,20 +64,28 @@ class ImageMounts:
         mounts = request(sock, "status", target=str(target))["mounts"]
         return any(m["owner"] == self.owner for m in mounts)
 
-    def ensure(self, snapshot_id: int, layers: list[dict[str, Any]], name: str) -> Path:
+    def ensure(self, snapshot_id: int, layers: list[dict[str, Any]], name: str,
+               record_trace: str | None = None) -> Path:
         """Make sure the image of ``layers`` (bottom first) is mounted for ``snapshot_id``;
-        returns the mount point. Raises what the daemon raises (MountError, RegistryError...)."""
+        returns the mount point. Raises what the daemon raises (MountError, RegistryError...).
+        ``record_trace``: record the image's reads from its mount on into that path (written
+        when the image is unmounted, or when ``PATH.lock`` is deleted); an image mounted
+        already for another container is not recorded (its start is over)."""
         target = self.target(snapshot_id)
         with self._locked(snapshot_id):
             sock = self._socket()  # one ping (and daemon start) per call, not per request
             if self._is_served(sock, target):
+                if record_trace:
+                    log.warning("image %s is mounted already (another container uses it): "
+                                "no trace recorded into %s", name, record_trace)
                 return target  # serving, or being re-served after a daemon restart
             target.mkdir(parents=True, exist_ok=True)
             for point in mounts_under(str(target)):  # a dead mount the daemon forgot
                 log.warning("removing stale mount %s", point)
                 _lazy_umount(point)
+            extra = {"record_trace": record_trace} if record_trace else {}
             request(sock, "mount_layers", timeout=_MOUNT_TIMEOUT, target=str(target),
-                    layers=layers, name=name, owner=self.owner)
+                    layers=layers, name=name, owner=self.owner, **extra)
             log.info("mounted image %s for snapshot %d", name, snapshot_id)
         return target
 

@@ -57,6 +57,8 @@ from .store import Kind, Snapshot, Store
 __all__ = [
     "LABEL_CRI_IMAGE_REF",
     "LABEL_IMAGE_REF",
+    "LABEL_RECORD_TRACE",
+    "LABEL_RECORD_TRACE_PATH",
     "LABEL_REMOTE",
     "LABEL_SNAPSHOT_REF",
     "Mount",
@@ -70,6 +72,10 @@ LABEL_SNAPSHOT_REF = "containerd.io/snapshot.ref"
 LABEL_IMAGE_REF = "containerd.io/snapshot/image-ref"
 LABEL_CRI_IMAGE_REF = "containerd.io/snapshot/cri.image-ref"
 LABEL_REMOTE = "containerd.io/snapshot/remote"
+# The original's labels on a container's snapshot (`ctr run --snapshotter-label`): record a
+# trace of the image's reads into the path (the original trace format, plus PATH.jsonl).
+LABEL_RECORD_TRACE = "containerd.io/snapshot/overlaybd/record-trace"
+LABEL_RECORD_TRACE_PATH = "containerd.io/snapshot/overlaybd/record-trace-path"
 COMMIT_FILE = "overlaybd.commit"
 _OVERLAY_INDEX = Path("/sys/module/overlay/parameters/index")
 
@@ -88,6 +94,18 @@ class Mount:
     type: str
     source: str
     options: tuple[str, ...]
+
+
+def _record_trace(labels: dict[str, str]) -> str | None:
+    """The trace path a container's labels ask to record into, if they do."""
+    if labels.get(LABEL_RECORD_TRACE) != "yes":
+        return None
+    path = labels.get(LABEL_RECORD_TRACE_PATH, "")
+    if not os.path.isabs(path):
+        raise SnapshotError("invalid_argument",
+                            f"{LABEL_RECORD_TRACE}=yes needs {LABEL_RECORD_TRACE_PATH} set to "
+                            f"an absolute path (got {path!r})")
+    return path
 
 
 def _remote_layer(labels: dict[str, str]) -> dict[str, object] | None:
@@ -215,13 +233,16 @@ class SnapshotService:
         options = ["index=off"] if self._index_off else []
         return [Mount("overlay", "overlay", (*options, f"lowerdir={':'.join(lowers)}"))]
 
-    def _ensure_image(self, snapshot: Snapshot) -> None:
+    def _ensure_image(self, snapshot: Snapshot, record_trace: str | None = None) -> None:
         if snapshot.lower_id is None:
+            if record_trace:
+                log.warning("%s: record-trace asked for a snapshot with no overlaybd image; "
+                            "no trace is recorded", snapshot.name)
             return
         run_top = self.store.by_id(snapshot.lower_id)
         assert run_top is not None and run_top.layer is not None  # a child keeps it alive
         name = str(run_top.layer.get("ref") or run_top.layer.get("path"))
-        self.images.ensure(run_top.id, self._layers(run_top), name)
+        self.images.ensure(run_top.id, self._layers(run_top), name, record_trace=record_trace)
 
     def _release_image(self, lower_id: int | None) -> None:
         if lower_id is not None:
@@ -248,6 +269,7 @@ class SnapshotService:
                     raise SnapshotError("invalid_argument",
                                         f"parent {parent!r} is not a committed snapshot")
             chain = self.store.chain(base)
+            record_trace = _record_trace(labels) if kind == Kind.ACTIVE else None
             remote = _remote_layer(labels) if kind == Kind.ACTIVE else None
             if remote is not None:
                 self._commit_remote(labels, base, chain, remote)  # raises AlreadyExists
@@ -264,7 +286,7 @@ class SnapshotService:
             snapshot = self.store.by_id(snapshot_id)
             assert snapshot is not None
         try:
-            self._ensure_image(snapshot)
+            self._ensure_image(snapshot, record_trace)
         except BaseException:
             self._discard(snapshot)
             raise

@@ -32,10 +32,12 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from overlaybd_py.formats import oci
+from overlaybd_py.formats import trace as tracefmt
 from overlaybd_py.formats.oci import Descriptor, Manifest
 from overlaybd_py.mount import mounts_under
 from overlaybd_py.registry import ClientConfig, RegistryClient, push_referrer
 from overlaybd_py.registry.reference import Reference
+from overlaybd_py.snapshotter.service import LABEL_RECORD_TRACE, LABEL_RECORD_TRACE_PATH
 from tests.fixtures.containerd import Containerd, SharedDir, SnapshotterProcess
 from tests.fixtures.images import build_layers, overlaybd_manifest, push_layers
 from tests.fixtures.node import Node
@@ -270,6 +272,41 @@ def test_pull_fetches_no_layers_and_the_container_runs_lazily(stack):
     assert (again["remote_snapshots"], again["existing_snapshots"]) == (0, 3)
 
 
+def test_record_trace_labels_record_the_containers_start(stack, tmp_path):
+    """The original's snapshot labels: the image's reads, from its mount on, go into the
+    trace path, written when the image is unmounted (here: the container is removed)."""
+    ns = "trace"
+
+    def step(root: Path) -> None:  # an image of its own: no other test has it mounted
+        _obd_step0(root)
+        (root / "etc" / "traced.txt").write_text("traced start\n")
+
+    layers, _raw = build_layers(tmp_path / "build", [step])
+    ref = push_layers(stack.registry.host, "ctd/traced:v1", layers)
+    stack.pull(ns, ref)
+    trace = tmp_path / "start.trace"
+    script = "while IFS= read -r l; do echo \"$l\"; done < /etc/traced.txt"
+    run = stack.containerd.run(
+        ns, ref, "traced-1", script, "--rm",
+        "--snapshotter-label", f"{LABEL_RECORD_TRACE}=yes",
+        "--snapshotter-label", f"{LABEL_RECORD_TRACE_PATH}={trace}")
+    assert run.stdout == "traced start\n"
+    # containerd removes the snapshot in its garbage collection, a moment after `ctr run`
+    # returns; the image is unmounted then, and the trace written.
+    deadline = time.monotonic() + 60
+    while not Path(f"{trace}.ok").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert Path(f"{trace}.ok").exists()
+    records = tracefmt.decode_trace(trace.read_bytes()).records
+    assert records and all(r.op == "R" for r in records)
+    log = tracefmt.decode_events(Path(f"{trace}.jsonl").read_text())
+    assert log.reads and sum(r.length for r in log.reads) > 0
+    # Without a path the labels are refused, naming what is missing.
+    bad = stack.containerd.run(ns, ref, "traced-2", script, "--rm",
+                               "--snapshotter-label", f"{LABEL_RECORD_TRACE}=yes", check=False)
+    assert bad.returncode != 0 and LABEL_RECORD_TRACE_PATH in bad.stderr
+
+
 def test_pull_of_an_image_with_an_overlaybd_referrer_runs_the_overlaybd_form(stack):
     ns = "referrer"
     result = stack.pull(ns, stack.referrer_ref)
@@ -410,7 +447,7 @@ def test_killed_snapshotter_and_daemon_come_back_for_a_stopped_container(stack):
 
 
 def test_remove_and_cleanup_leave_nothing_behind(stack):
-    for ns in ("lazy", "referrer", "mixed", "plain", "plainobd", "restart"):
+    for ns in ("lazy", "referrer", "mixed", "plain", "plainobd", "restart", "trace"):
         listed = stack.containerd.ctr("container", "ls", "-q", namespace=ns).stdout.split()
         for container in listed:
             stack.containerd.ctr("container", "rm", container, namespace=ns)
