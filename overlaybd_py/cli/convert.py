@@ -17,7 +17,7 @@ from ..formats.oci import Platform
 from ..registry import Reference
 from ._output import emit_json
 from .image import client_from_args, registry_options
-from .layer import _chunk_size, add_level_option, checked_level
+from .layer import _chunk_size, add_level_option
 
 __all__ = ["register"]
 
@@ -45,7 +45,7 @@ def _convert(args: argparse.Namespace) -> int:
         raise UsageError(f"--dest {args.dest}: name a tag to push to")
     options = ConvertOptions(
         referrer=args.referrer, dest=dest, flavour=args.flavour, algorithm=args.algorithm,
-        chunk_size=args.chunk_size, level=checked_level(args), vsize=args.vsize,
+        chunk_size=args.chunk_size, level=args.level, vsize=args.vsize,
         platform=Platform.from_spec(args.platform) if args.platform else None,
         cache_dir=None if args.no_cache else (args.cache_dir or DEFAULT_CACHE),
         work_dir=args.work_dir,

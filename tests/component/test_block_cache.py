@@ -179,11 +179,11 @@ class ArrivingSource(CountingSource):
         return data
 
 
-async def windowed_source(tmp_path, blob: bytes):
-    """An ArrivingSource, a cache and a source over it that has served 8 MiB, so that its
-    next miss that starts no stream brings a 4 MiB window; the link then stalls after each
-    request's first piece until ``remote.gate`` is set."""
-    remote = ArrivingSource(blob)
+async def windowed_source(tmp_path, blob: bytes, remote: ArrivingSource | None = None):
+    """An ArrivingSource (or ``remote``), a cache and a source over it that has served
+    8 MiB, so that its next miss that starts no stream brings a 4 MiB window; the link then
+    stalls after each request's first piece until ``remote.gate`` is set."""
+    remote = remote or ArrivingSource(blob)
     cache = BlockCache.open(tmp_path, 0)
     source = cache.source(remote, DIGEST)
     await serve(source, 1 << 20, 9 << 20)
@@ -315,11 +315,8 @@ def test_a_window_run_that_stalls_does_not_hold_up_the_readers_of_another(tmp_pa
             return await super().read_at(offset, length)
 
     async def main():
-        remote = StallingTail(blob)
-        cache = BlockCache.open(tmp_path, 0)
-        source = cache.source(remote, DIGEST)
-        await serve(source, 1 << 20, 9 << 20)
-        remote.requests.clear()
+        remote, cache, source = await windowed_source(tmp_path, blob, StallingTail(blob))
+        remote.gate.set()  # only the stalled request hangs
         offset = 20 << 20
         remote.stall_at = offset + (4 << 20)  # the window's second request (MAX_FETCH each)
         with trio.fail_after(10):
