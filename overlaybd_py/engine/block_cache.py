@@ -753,11 +753,11 @@ class CachedSource:
         if blocks <= landed.handed or landed.failed:
             return  # a retried read going over what has landed already, or a failed store
         start, landed.handed = landed.handed, blocks
-        piece = bytes(body[start * BLOCK : blocks * BLOCK])
+        piece = body[start * BLOCK : blocks * BLOCK]  # final bytes: a view, not a copy
         with contextlib.suppress(trio.RunFinishedError):  # the loop has ended: drop it
             trio_token.run_sync_soon(self._land, claim, landed, start, piece)
 
-    def _land(self, claim: _Claim, landed: _Landed, start: int, piece: bytes) -> None:
+    def _land(self, claim: _Claim, landed: _Landed, start: int, piece: memoryview) -> None:
         """Store and publish blocks ``start``.. of a fetch that is still arriving (trio
         thread), and wake the readers of the pieces they complete. A read abandoned by a
         cancelled fetch may still deliver: its bytes are good, but not once the files are
@@ -783,7 +783,7 @@ class CachedSource:
         files.touch(first, last)  # fetched counts as used: unread read-ahead is not evicted first
         self._cache._added(files, newly * BLOCK)
 
-    def _store(self, data: bytes, offset: int) -> bytes:
+    def _store(self, data: bytes | bytearray | memoryview, offset: int) -> bytes:
         """Write fetched bytes to the data file; their per-block CRCs (to publish)."""
         written = os.pwrite(self._files.data_fd, data, offset)
         if written != len(data):
