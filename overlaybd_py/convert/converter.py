@@ -318,7 +318,7 @@ class Converter:
         result = await trio.to_thread.run_sync(partial(
             commit_layer, data, index, str(out), algorithm=self.options.algorithm,
             chunk_size=self.options.chunk_size, tar=True, layer_uuid=layer.uuid,
-            parent_uuid=layer.parent_uuid, level=self.options.level))
+            parent_uuid=layer.parent_uuid, level=self.options.level, merge_runs=True))
         digest = await trio.to_thread.run_sync(_sha256_file, out)
         # The writable pair is no longer needed once sealed (the view of it may still be
         # open as a lower: unlinking keeps its data readable until then).

@@ -118,10 +118,11 @@ class CommitResult:
 def commit_layer(data_path: str, index_path: str, out_path: str, *, algorithm: str | None = None,
                  chunk_size: int = 4096, tar: bool = False, layer_uuid: str | None = None,
                  parent_uuid: str | None = None, message: str = "",
-                 level: int = 0) -> CommitResult:
+                 level: int = 0, merge_runs: bool = False) -> CommitResult:
     """Seal a writable pair into ``out_path`` (``overlaybd-commit``): a plain sealed LSMT, or
     with ``algorithm`` a header-overwrite ZFile (at compression ``level``; 0: the original's),
-    optionally tar-wrapped."""
+    optionally tar-wrapped. ``merge_runs``: records independent of how the writes were split
+    (``formats/lsmt_commit.py``)."""
     if level and not algorithm:
         raise UsageError("a compression level needs a compression algorithm (lz4 or zstd)")
     tag = message.encode()
@@ -133,6 +134,7 @@ def commit_layer(data_path: str, index_path: str, out_path: str, *, algorithm: s
         plan = plan_commit(
             segments, virtual_size=layer.virtual_size, uuid=layer_uuid or lsmt.NULL_UUID,
             parent_uuid=parent_uuid or layer.header.parent_uuid or lsmt.NULL_UUID, user_tag=tag,
+            merge_runs=merge_runs,
         )
         algo = zfile.ALGORITHMS[algorithm] if algorithm else None
         with _output(out_path) as out:

@@ -6,6 +6,13 @@ the trailer; the caller does the copying. The record layout follows the original
 that the committed file is byte-identical: data records are cut into 32 KiB pieces as they
 are copied, then adjacent pieces are merged back while the merged length stays below 16383
 sectors, and the index is padded with invalid records to a multiple of 256.
+
+The pieces start at each mapping's first sector, so the same bytes written in different
+splits (the kernel's writeback under load decides them) can seal into different records
+once a run passes the merge limit. ``merge_runs`` (what the converter asks for, so that two
+conversions of an image give the same digests) cuts each run of mappings that touch in the
+layer's address space as if it had been written at once; the file is as valid, but no
+longer what ``overlaybd-commit`` writes for split mappings.
 """
 
 from __future__ import annotations
@@ -73,20 +80,31 @@ def plan_commit(
     uuid: str = NULL_UUID,
     parent_uuid: str = NULL_UUID,
     user_tag: bytes = b"",
+    merge_runs: bool = False,
 ) -> CommitPlan:
     """Plan the sealed file for ``segments`` (sorted, non-overlapping; moffsets in the
-    writable data file)."""
+    writable data file); ``merge_runs``: see the module docstring."""
     position = HT_SPACE // SECTOR
     copies: list[tuple[int, int]] = []
-    pieces: list[list[int]] = []
+    runs: list[list[int]] = []  # [offset, length, position, zeroed], as pieces are cut
     for offset, length, moffset, zeroed, _tag in segments.records():
         if zeroed:
-            pieces.append([offset, length, position, 1])
+            runs.append([offset, length, position, 1])
             continue
         copies.append((moffset * SECTOR, length * SECTOR))
-        for k in range(0, length, _COPY_PIECE):
-            pieces.append([offset + k, min(_COPY_PIECE, length - k), position + k, 0])
+        last = runs[-1] if runs else None
+        if merge_runs and last is not None and not last[3] and last[0] + last[1] == offset:
+            last[1] += length  # its data follows the run's in the sealed file too
+        else:
+            runs.append([offset, length, position, 0])
         position += length
+    pieces: list[list[int]] = []
+    for offset, length, start, zeroed in runs:
+        if zeroed:
+            pieces.append([offset, length, start, 1])
+            continue
+        for k in range(0, length, _COPY_PIECE):
+            pieces.append([offset + k, min(_COPY_PIECE, length - k), start + k, 0])
     merged = _compress(pieces)
     table = Segments()
     for offset, length, moffset, zeroed in merged:

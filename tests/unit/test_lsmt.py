@@ -186,3 +186,46 @@ def test_commit_refuses_more_records_than_a_sealed_layer_may_hold():
         table.append(2 * i, 1, 8 + i)
     with pytest.raises(UsageError, match="at most 1000000 index records"):
         plan_commit(table, virtual_size=1 << 40)
+
+
+def _plan_records(mappings, merge_runs):
+    from overlaybd_py.formats.lsmt_commit import plan_commit
+
+    table = Segments()
+    for offset, length, moffset, zeroed in mappings:
+        table.append(offset, length, moffset, zeroed)
+    plan = plan_commit(table, virtual_size=1 << 40, merge_runs=merge_runs)
+    return plan.index, [length for _, length in plan.copies]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_commit_with_merge_runs_does_not_depend_on_how_the_writes_were_split(seed):
+    """The converter's seal: the same bytes written in other splits (and in another order
+    in the data file) seal into the same records; the original's cut does not."""
+    import random
+
+    rnd = random.Random(seed)
+    runs = [(0, 20_000), (20_100, 300), (30_000, 17_000)]  # sectors; two pass the merge limit
+    whole, split = [], []
+    moffset = 8
+    for start, length in runs:
+        whole.append((start, length, moffset, 0))
+        cuts = sorted(rnd.sample(range(1, length), 3))
+        pieces = list(zip([0, *cuts], [*cuts, length], strict=True))
+        rnd.shuffle(pieces)  # written in another order: data file positions differ
+        for a, b in pieces:
+            split.append((start + a, b - a, moffset + 50_000 + a, 0))
+        moffset += length
+    split.sort()
+    index_whole, copied_whole = _plan_records(whole, merge_runs=True)
+    index_split, copied_split = _plan_records(split, merge_runs=True)
+    assert index_split == index_whole
+    assert sum(copied_split) == sum(copied_whole)
+    # one mapping per run: as without merge_runs; split, the original's cut differs
+    assert _plan_records(whole, merge_runs=False)[0] == index_whole
+    assert _plan_records(split, merge_runs=False)[0] != index_whole
+
+
+def test_commit_merge_runs_keeps_gaps_and_zeroed_mappings_apart():
+    mappings = [(0, 100, 8, 0), (100, 50, 0, 1), (150, 100, 108, 0), (300, 64, 208, 0)]
+    assert _plan_records(mappings, merge_runs=True) == _plan_records(mappings, merge_runs=False)
