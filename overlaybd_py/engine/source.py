@@ -25,7 +25,9 @@ _INLINE_READ = 256 * 1024
 @runtime_checkable
 class BlobSource(Protocol):
     """Anything that provides the bytes of a blob: ``size`` and ``read_at``, which returns
-    exactly ``length`` bytes from ``offset`` or raises (a short read is never data)."""
+    exactly ``length`` bytes from ``offset`` or raises (a short read is never data). A
+    remote blob read under ``RANGE_PROGRESS`` may hand back a bytearray: treat the result as
+    read-only bytes."""
 
     size: int
 

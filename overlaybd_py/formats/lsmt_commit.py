@@ -10,9 +10,9 @@ sectors, and the index is padded with invalid records to a multiple of 256.
 The pieces start at each mapping's first sector, so the same bytes written in different
 splits (the kernel's writeback under load decides them) can seal into different records
 once a run passes the merge limit. ``merge_runs`` (what the converter asks for, so that two
-conversions of an image give the same digests) cuts each run of mappings that touch in the
-layer's address space as if it had been written at once; the file is as valid, but no
-longer what ``overlaybd-commit`` writes for split mappings.
+conversions of an image give the same digests) cuts each run of touching data mappings, and
+each run of touching zeroed ones, as if it had been written at once; the file is as valid,
+but no longer what ``overlaybd-commit`` writes for split mappings.
 """
 
 from __future__ import annotations
@@ -88,23 +88,23 @@ def plan_commit(
     copies: list[tuple[int, int]] = []
     runs: list[list[int]] = []  # [offset, length, position, zeroed], as pieces are cut
     for offset, length, moffset, zeroed, _tag in segments.records():
-        if zeroed:
-            runs.append([offset, length, position, 1])
-            continue
-        copies.append((moffset * SECTOR, length * SECTOR))
         last = runs[-1] if runs else None
-        if merge_runs and last is not None and not last[3] and last[0] + last[1] == offset:
-            last[1] += length  # its data follows the run's in the sealed file too
+        if merge_runs and last is not None and last[3] == zeroed \
+                and last[0] + last[1] == offset:
+            last[1] += length  # a data run's bytes follow in the sealed file too
         else:
-            runs.append([offset, length, position, 0])
-        position += length
+            runs.append([offset, length, position, zeroed])
+        if not zeroed:
+            copies.append((moffset * SECTOR, length * SECTOR))
+            position += length
     pieces: list[list[int]] = []
     for offset, length, start, zeroed in runs:
-        if zeroed:
-            pieces.append([offset, length, start, 1])
+        if zeroed and not merge_runs:
+            pieces.append([offset, length, start, 1])  # the original keeps them whole
             continue
+        step = 0 if zeroed else 1  # a zeroed run's pieces all point at one position
         for k in range(0, length, _COPY_PIECE):
-            pieces.append([offset + k, min(_COPY_PIECE, length - k), start + k, 0])
+            pieces.append([offset + k, min(_COPY_PIECE, length - k), start + step * k, zeroed])
     merged = _compress(pieces)
     table = Segments()
     for offset, length, moffset, zeroed in merged:

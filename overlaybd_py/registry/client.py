@@ -476,8 +476,10 @@ class RegistryClient:
 
     async def read_blob_range(
         self, ref: Reference, digest: str, offset: int, length: int, *, blob_size: int | None = None
-    ) -> bytes:
+    ) -> bytes | bytearray:
         """Exactly ``length`` bytes of blob ``digest`` from byte ``offset``, or an exception.
+        With ``RANGE_PROGRESS`` set (the block cache) the socket path returns its receive
+        buffer, a bytearray, instead of a copy: do not keep it as a key or resize it.
 
         Handles servers (cold pull-through mirrors) that ignore Range and send the whole blob
         with 200: the bytes at ``offset`` are taken from the stream, never its start.
@@ -490,7 +492,7 @@ class RegistryClient:
         headers = {"Range": f"bytes={offset}-{offset + length - 1}", "Accept-Encoding": "identity"}
         what = f"blob {digest} range {offset}+{length}"
 
-        async def op(endpoint: _Endpoint) -> bytes:
+        async def op(endpoint: _Endpoint) -> bytes | bytearray:
             if length >= SOCKET_RANGE_MIN and self._sockets is not None:
                 data = await self._socket_range(endpoint, path, offset, length)
                 if isinstance(data, ErrorAnswer):
@@ -528,9 +530,10 @@ class RegistryClient:
 
     async def _socket_range(
         self, endpoint: _Endpoint, path: str, offset: int, length: int
-    ) -> bytes | ErrorAnswer | None:
-        """The range through :class:`RangeSockets` in a worker thread: its bytes, an error
-        answer, or None when httpx must do it (no usable token yet, or another answer)."""
+    ) -> bytes | bytearray | ErrorAnswer | None:
+        """The range through :class:`RangeSockets` in a worker thread: its bytes (see
+        ``read_blob_range``), an error answer, or None when httpx must do it (no usable token
+        yet, or another answer)."""
         assert self._sockets is not None
         await self._ensure_credentials(endpoint)
         url = endpoint.base + path

@@ -35,8 +35,8 @@ __all__ = ["RANGE_PROGRESS", "ErrorAnswer", "RangeSockets", "ResponseHead",
 # body buffer and how many of its bytes have arrived, every PROGRESS_STEP bytes or more
 # (not for the last piece, nor on the httpx path). It must not block. The bytes below the
 # count are final (never written again; a retried read starts again from 0 in a new
-# buffer), so the callback may keep views of them instead of copies; and the read returns
-# that same buffer (a bytearray) rather than a copy of it: the block cache's cold reads
+# buffer), so the callback may keep views of them instead of copies; and the read (on this
+# path) returns that same buffer (a bytearray) rather than a copy of it: the cold reads
 # copied each fetched byte twice more before (~30 % slower sequential reads).
 RANGE_PROGRESS: contextvars.ContextVar[Callable[[memoryview, int], None] | None] = \
     contextvars.ContextVar("overlaybd_py_range_progress", default=None)

@@ -154,9 +154,10 @@ def test_a_miss_reads_a_locality_window_that_grows_with_what_was_served(tmp_path
 
 
 class ArrivingSource(CountingSource):
-    """Sends a range's body as RangeSockets does, telling RANGE_PROGRESS as it arrives, but
-    stops after its first PROGRESS_STEP bytes until ``gate`` is set (a slow link); then
-    raises ``fail`` if set, else returns the rest. ``fail_at_once`` fails before sending."""
+    """Sends a range's body as RangeSockets does (into one buffer it returns, telling
+    RANGE_PROGRESS as it arrives), but stops after its first PROGRESS_STEP bytes until
+    ``gate`` is set (a slow link); then raises ``fail`` if set, else sends the rest.
+    ``fail_at_once`` fails before sending."""
 
     def __init__(self, data: bytes) -> None:
         super().__init__(data)
@@ -171,11 +172,17 @@ class ArrivingSource(CountingSource):
             raise self.fail_at_once
         progress = RANGE_PROGRESS.get()
         if length > PROGRESS_STEP:
+            # As the socket path: one receive buffer, filled only up to what has arrived
+            # when progress is told (the rest is zeros until then), returned itself.
+            body = bytearray(length)
+            body[:PROGRESS_STEP] = data[:PROGRESS_STEP]
             if progress is not None:
-                progress(memoryview(data), PROGRESS_STEP)
+                progress(memoryview(body), PROGRESS_STEP)
             await self.gate.wait()
             if self.fail is not None:
                 raise self.fail
+            body[PROGRESS_STEP:] = data[PROGRESS_STEP:]
+            return body if progress is not None else data
         return data
 
 

@@ -189,43 +189,63 @@ def test_commit_refuses_more_records_than_a_sealed_layer_may_hold():
 
 
 def _plan_records(mappings, merge_runs):
+    """The sealed index of ``mappings`` and, per sector of the sealed data, the layer sector
+    whose bytes land there (data copied in the plan's order); checks that every data record
+    points at its own sectors."""
+    from overlaybd_py.formats.lsmt import SECTOR, LsmtHeader, parse_sealed_index
     from overlaybd_py.formats.lsmt_commit import plan_commit
 
     table = Segments()
+    source = {}  # writable data file sector -> layer sector it holds
     for offset, length, moffset, zeroed in mappings:
         table.append(offset, length, moffset, zeroed)
+        if not zeroed:
+            source.update({moffset + i: offset + i for i in range(length)})
     plan = plan_commit(table, virtual_size=1 << 40, merge_runs=merge_runs)
-    return plan.index, [length for _, length in plan.copies]
+    sealed = [source[start // SECTOR + i] for start, n in plan.copies for i in range(n // SECTOR)]
+    base = lsmt.HT_SPACE // SECTOR
+    for offset, length, moffset, zeroed, _ in parse_sealed_index(
+            plan.index, LsmtHeader.unpack(plan.trailer)).records():
+        if not zeroed:
+            assert sealed[moffset - base : moffset - base + length] == \
+                list(range(offset, offset + length))
+    return plan.index, sealed
 
 
 @pytest.mark.parametrize("seed", range(20))
 def test_commit_with_merge_runs_does_not_depend_on_how_the_writes_were_split(seed):
-    """The converter's seal: the same bytes written in other splits (and in another order
-    in the data file) seal into the same records; the original's cut does not."""
+    """The converter's seal: the same bytes written in other splits and another order
+    (data file positions differ), and zeroed ranges split differently, seal into the same
+    records and the same data; the original's cut does not."""
     import random
 
     rnd = random.Random(seed)
-    runs = [(0, 20_000), (20_100, 300), (30_000, 17_000)]  # sectors; two pass the merge limit
-    whole, split = [], []
+    # (start, length, zeroed) in sectors: runs past the merge limit, a gap, touching kinds
+    runs = [(0, 20_000, 0), (20_000, 17_000, 1), (37_000, 300, 0), (40_000, 17_000, 0),
+            (57_000, 100, 1)]
+    whole, split, writes = [], [], []  # whole: cut at 16,000 sectors; split: at random
     moffset = 8
-    for start, length in runs:
-        whole.append((start, length, moffset, 0))
+    for start, length, zeroed in runs:
+        for a in range(0, length, 16_000):  # a writable mapping holds at most 16383 sectors
+            n = min(16_000, length - a)
+            whole.append((start + a, n, 0 if zeroed else moffset, zeroed))
+            moffset += 0 if zeroed else n
         cuts = sorted(rnd.sample(range(1, length), 3))
-        pieces = list(zip([0, *cuts], [*cuts, length], strict=True))
-        rnd.shuffle(pieces)  # written in another order: data file positions differ
-        for a, b in pieces:
-            split.append((start + a, b - a, moffset + 50_000 + a, 0))
-        moffset += length
+        pieces = [(start + a, b - a) for a, b in zip([0, *cuts], [*cuts, length], strict=True)]
+        if zeroed:
+            split.extend((offset, n, 0, 1) for offset, n in pieces)
+        else:
+            writes.extend(pieces)
+    rnd.shuffle(writes)  # written in another order: data file positions differ
+    position = 8
+    for offset, length in writes:
+        split.append((offset, length, position, 0))
+        position += length
     split.sort()
-    index_whole, copied_whole = _plan_records(whole, merge_runs=True)
-    index_split, copied_split = _plan_records(split, merge_runs=True)
-    assert index_split == index_whole
-    assert sum(copied_split) == sum(copied_whole)
-    # one mapping per run: as without merge_runs; split, the original's cut differs
-    assert _plan_records(whole, merge_runs=False)[0] == index_whole
-    assert _plan_records(split, merge_runs=False)[0] != index_whole
+    assert _plan_records(split, merge_runs=True) == _plan_records(whole, merge_runs=True)
+    assert _plan_records(split, merge_runs=False)[0] != _plan_records(whole, merge_runs=False)[0]
 
 
-def test_commit_merge_runs_keeps_gaps_and_zeroed_mappings_apart():
+def test_commit_merge_runs_keeps_gaps_and_kinds_apart():
     mappings = [(0, 100, 8, 0), (100, 50, 0, 1), (150, 100, 108, 0), (300, 64, 208, 0)]
     assert _plan_records(mappings, merge_runs=True) == _plan_records(mappings, merge_runs=False)
