@@ -529,7 +529,11 @@ class CachedSource:
                         self._windows[first : last + 1] = bytes(last + 1 - first)
                         self._window_reads += read
                 start = offset - first * BLOCK
-                return data[start : start + length]
+                if start == 0 and length == len(data):
+                    return data
+                # A view, not a copy: most reads are of ZFile chunks, which do not start on a
+                # block (cold 256 MiB read, 8 interleaved rounds: 0.62 s -> 0.56 s).
+                return memoryview(data)[start : start + length]
             self._cache._counters["corrupt_blocks"] += len(bad)
             level = logging.WARNING if attempt else logging.INFO
             log.log(level, "block cache: %d bad block(s) of %s (first %d); fetching again",

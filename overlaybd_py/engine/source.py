@@ -25,9 +25,11 @@ _INLINE_READ = 256 * 1024
 @runtime_checkable
 class BlobSource(Protocol):
     """Anything that provides the bytes of a blob: ``size`` and ``read_at``, which returns
-    exactly ``length`` bytes from ``offset`` or raises (a short read is never data). A
-    remote blob read under ``RANGE_PROGRESS`` may hand back a bytearray: treat the result as
-    read-only bytes."""
+    exactly ``length`` bytes from ``offset`` or raises (a short read is never data). The
+    result is a bytes-like object, not always ``bytes``: a remote blob read under
+    ``RANGE_PROGRESS`` hands back a bytearray, the block cache and ZFile sources a memoryview
+    of a larger buffer (saving a copy); treat it as read-only and take ``bytes()`` of it to
+    keep or hash it."""
 
     size: int
 

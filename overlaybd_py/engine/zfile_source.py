@@ -162,7 +162,9 @@ class ZFileSource:
             parts.append(tail)
             self.stats.chunk_hits += 1
         data = parts[0] if len(parts) == 1 else b"".join(parts)
-        return data[offset - base : offset - base + length]
+        if offset == base and length == len(data):
+            return data
+        return memoryview(data)[offset - base : offset - base + length]
 
     async def _decode_range(self, first: int, last: int) -> bytes:
         """Plaintext of chunks first..last: one inner read per run of at most MAX_RUN_BYTES
