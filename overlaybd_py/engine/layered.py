@@ -85,7 +85,7 @@ class LayeredDevice:
                 return await self.layers[layer].lsmt.read_at(layer_offset, length)
             out = bytearray(length)
             await self._read_lower(out, offset, offset, length)
-            return bytes(out)
+            return out  # the assembly buffer itself: a copy of it would be one more pass
         out = bytearray(length)
         lower_parts = []
         for piece in self.upper.lookup(offset, length):
@@ -99,7 +99,7 @@ class LayeredDevice:
                 partial(self._read_lower, out, offset, piece.offset, piece.length)
                 for piece in lower_parts
             ])
-        return bytes(out)
+        return out
 
     async def _read_lower(self, out: bytearray, base: int, offset: int, length: int) -> None:
         """Fill ``out[offset-base : ...+length]`` from the lower layers."""
