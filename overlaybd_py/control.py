@@ -3,8 +3,10 @@
 Request ``{"op": NAME, ...params}``; answer ``{"ok": true, ...result}`` or
 ``{"ok": false, "error": message, "type": ExceptionClass}``. The socket is created mode
 0600 in a 0700 directory: only root (the owner) may ask for mounts. The client side is
-synchronous (the CLI, the snapshotter's gRPC threads); the server side runs in the serving
-process's trio nursery. ``ensure_daemon`` reaches the node daemon, starting it if none runs.
+synchronous (the CLI, the snapshotter's gRPC threads) and imports neither trio nor the engine,
+so a command that only talks to a daemon starts quickly; the server side
+(``daemon/_control.py``) runs in the serving process's trio nursery. ``ensure_daemon``
+reaches the node daemon, starting it if none runs.
 
 Operations of the node daemon (``daemon.NodeServer.handle``): ``ping``, ``mount`` (an image
 reference), ``mount_layers`` (a resolved layer list: registry blobs or local layer files,
@@ -13,7 +15,6 @@ read-only), ``umount``, ``status``, ``cache`` and ``shutdown``.
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import json
 import logging
@@ -22,23 +23,18 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
-
-import trio
 
 from . import errors
 from .config import NodeConfig
-from .engine._tasks import unwrap_group
 from .errors import MountError, OverlaybdError
 
-__all__ = ["ControlError", "ensure_daemon", "request", "responds", "serve_control"]
+__all__ = ["MAX_MESSAGE", "ControlError", "ensure_daemon", "request", "responds"]
 
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE = 1 << 20
 DAEMON_START_TIMEOUT = 30.0
-Handler = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]
 
 
 class ControlError(MountError):
@@ -94,59 +90,6 @@ def responds(path: str) -> bool:
     except (ControlError, OverlaybdError):
         return False
     return True
-
-
-async def _serve_one(stream: trio.SocketStream, handler: Handler) -> None:
-    buf = b""
-    async with stream:
-        while b"\n" not in buf:
-            chunk = await stream.receive_some(65536)
-            if not chunk:
-                return
-            buf += chunk
-            if len(buf) > MAX_MESSAGE:
-                return
-        try:
-            message = json.loads(buf.split(b"\n", 1)[0])
-            op = str(message.pop("op"))
-            result = {"ok": True, **await handler(op, message)}
-        except (ValueError, KeyError, TypeError) as exc:
-            result = {"ok": False, "error": f"bad request: {exc}", "type": "UsageError"}
-        except BaseException as exc:  # report every failure to the caller, then go on
-            exc = unwrap_group(exc)
-            if isinstance(exc, trio.Cancelled | KeyboardInterrupt | SystemExit):
-                raise
-            if not isinstance(exc, OverlaybdError):
-                log.exception("control request failed")
-            result = {"ok": False, "error": str(exc) or type(exc).__name__,
-                      "type": type(exc).__name__}
-        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-            await stream.send_all(json.dumps(result).encode() + b"\n")
-
-
-async def serve_control(path: str, handler: Handler, *, task_status=trio.TASK_STATUS_IGNORED):
-    """Listen on ``path`` until cancelled, answering each connection with ``handler``."""
-    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
-    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old_umask = os.umask(0o177)
-    try:
-        await sock.bind(path)
-    finally:
-        os.umask(old_umask)
-    os.chmod(path, 0o600)
-    sock.listen(64)
-    listener = trio.SocketListener(sock)
-    try:
-        async with trio.open_nursery() as nursery:
-            task_status.started()
-            await trio.serve_listeners(
-                lambda stream: _serve_one(stream, handler), [listener], handler_nursery=nursery
-            )
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
 
 
 def _lock_held(config: NodeConfig) -> bool:

@@ -7,14 +7,8 @@ import logging
 import os
 import sys
 
-import trio
-
-from ..convert.converter import Converter, ConvertOptions
 from ..convert.manifests import FLAVOURS
-from ..convert.progress import Progress
 from ..errors import UsageError
-from ..formats.oci import Platform
-from ..registry import Reference
 from ._output import emit_json
 from .image import client_from_args, registry_options
 from .layer import _chunk_size, add_level_option
@@ -37,6 +31,13 @@ def _vsize(text: str) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
+    import trio
+
+    from ..convert.converter import Converter, ConvertOptions
+    from ..convert.progress import Progress
+    from ..formats.oci import Platform
+    from ..registry import Reference
+
     if bool(args.referrer) == bool(args.dest):
         raise UsageError("give exactly one of --referrer and --dest REF")
     source = Reference.parse(args.source)

@@ -10,22 +10,19 @@ import argparse
 import logging
 import sys
 from collections.abc import Mapping
-from typing import Any
-
-import trio
+from typing import TYPE_CHECKING, Any
 
 from ..errors import FormatError, UsageError
-from ..formats.oci import Descriptor, Platform, is_overlaybd_manifest
-from ..registry import (
-    ClientConfig,
-    Credentials,
-    Reference,
-    RegistryClient,
-    list_referrers,
-)
 from ._output import emit_json, emit_table, human_bytes
 
-__all__ = ["client_config_from_args", "client_from_args", "register", "registry_options"]
+if TYPE_CHECKING:  # imported where used: building the parser stays light (cli/__init__)
+    from ..formats.oci import Descriptor, Platform
+    from ..registry import ClientConfig, RegistryClient
+
+__all__ = [
+    "client_config_from_args", "client_from_args", "register", "registry_flags",
+    "registry_options",
+]
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +58,10 @@ def registry_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def client_config_from_args(args: argparse.Namespace) -> ClientConfig:
-    """A ClientConfig from the flags of :func:`registry_options`; raises UsageError."""
+def registry_flags(args: argparse.Namespace) -> tuple[str | None, str | None,
+                                                      dict[str, list[str]]]:
+    """The checked flags of :func:`registry_options`: user name, password (read from stdin
+    for ``--password-stdin``) and mirrors by host; raises UsageError."""
     password = args.password
     if args.password_stdin:
         password = sys.stdin.readline().rstrip("\r\n")
@@ -76,7 +75,15 @@ def client_config_from_args(args: argparse.Namespace) -> ClientConfig:
         if not sep or not host or not url.startswith(("http://", "https://")):
             raise UsageError(f"--mirror {item!r}: expected HOST=http(s)://...")
         mirrors.setdefault(host, []).append(url)
-    creds = Credentials(args.username, password) if args.username else None
+    return args.username, password, mirrors
+
+
+def client_config_from_args(args: argparse.Namespace) -> ClientConfig:
+    """A ClientConfig from the flags of :func:`registry_options`; raises UsageError."""
+    from ..registry import ClientConfig, Credentials
+
+    username, password, mirrors = registry_flags(args)
+    creds = Credentials(username, password) if username else None
     return ClientConfig(
         plain_http=args.plain_http, default_credentials=creds, mirrors=mirrors, proxy=args.proxy
     )
@@ -84,6 +91,8 @@ def client_config_from_args(args: argparse.Namespace) -> ClientConfig:
 
 async def client_from_args(args: argparse.Namespace) -> RegistryClient:
     """An open client (use ``async with await client_from_args(args) as client``)."""
+    from ..registry import RegistryClient
+
     return await RegistryClient.open(client_config_from_args(args))
 
 
@@ -127,6 +136,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _parse_platform(spec: str | None) -> Platform | None:
+    from ..formats.oci import Platform
+
     if spec is None:
         return None
     try:
@@ -142,6 +153,9 @@ def _descriptor_json(d: Descriptor) -> dict[str, Any]:
 
 
 async def _inspect_report(args: argparse.Namespace) -> dict[str, Any]:
+    from ..formats.oci import is_overlaybd_manifest
+    from ..registry import Reference
+
     ref = Reference.parse(args.ref)
     platform = _parse_platform(args.platform)
     async with await client_from_args(args) as client:
@@ -177,6 +191,8 @@ async def _inspect_report(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    import trio
+
     report = trio.run(_inspect_report, args)
     if args.json:
         emit_json(report)
@@ -202,6 +218,8 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 async def _referrers_report(args: argparse.Namespace) -> Mapping[str, Any]:
+    from ..registry import Reference, list_referrers
+
     ref = Reference.parse(args.ref)
     async with await client_from_args(args) as client:
         digest = ref.digest or (await client.head_manifest(ref)).digest
@@ -215,6 +233,8 @@ async def _referrers_report(args: argparse.Namespace) -> Mapping[str, Any]:
 
 
 def _referrers(args: argparse.Namespace) -> int:
+    import trio
+
     report = trio.run(_referrers_report, args)
     if args.json:
         emit_json(report)

@@ -5,14 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-import trio
-
-from ..engine import layer_files
-from ..engine.mkfs import mkfs_into
-from ..engine.writable import WritableLayer
 from ..errors import FormatError, UsageError
-from ..formats import zfile
-from ..formats.lsmt import NULL_UUID, check_uuid
 from ._output import emit_json, emit_table, human_bytes
 
 __all__ = ["register"]
@@ -39,6 +32,8 @@ def add_level_option(parser: argparse.ArgumentParser) -> None:
 
 def checked_level(args: argparse.Namespace) -> int:
     """``--level``, checked against ``--algorithm`` (UsageError naming both)."""
+    from ..formats import zfile
+
     if args.level and not args.algorithm:
         raise UsageError("--level needs --algorithm lz4 or zstd")
     try:
@@ -49,6 +44,8 @@ def checked_level(args: argparse.Namespace) -> int:
 
 
 def _uuid(text: str) -> str:
+    from ..formats.lsmt import check_uuid
+
     try:
         return check_uuid(text)
     except ValueError as exc:
@@ -71,6 +68,10 @@ def _need_file(path: str) -> None:
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    import trio
+
+    from ..engine import layer_files
+
     _need_file(args.file)
     info = trio.run(layer_files.inspect_file, args.file)
     if args.json:
@@ -84,6 +85,10 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
+    import trio
+
+    from ..engine import layer_files
+
     _need_file(args.file)
     try:
         report = trio.run(layer_files.verify_file, args.file)
@@ -106,6 +111,10 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 async def _create(args: argparse.Namespace) -> dict:
+    from ..engine.mkfs import mkfs_into
+    from ..engine.writable import WritableLayer
+    from ..formats.lsmt import NULL_UUID
+
     for path in (args.data, args.index):
         if os.path.exists(path):
             raise UsageError(f"{path} already exists (layer create never overwrites)")
@@ -125,6 +134,8 @@ async def _create(args: argparse.Namespace) -> dict:
 
 
 def _create_cmd(args: argparse.Namespace) -> int:
+    import trio
+
     info = trio.run(_create, args)
     if args.json:
         emit_json(info)
@@ -137,6 +148,8 @@ def _create_cmd(args: argparse.Namespace) -> int:
 
 
 def _commit(args: argparse.Namespace) -> int:
+    from ..engine import layer_files
+
     level = checked_level(args)
     _need_file(args.data)
     _need_file(args.index)
@@ -154,6 +167,8 @@ def _commit(args: argparse.Namespace) -> int:
 
 
 def _compress(args: argparse.Namespace) -> int:
+    from ..engine import layer_files
+
     level = checked_level(args)
     _need_file(args.input)
     size = layer_files.compress_file(args.input, args.output, algorithm=args.algorithm,
@@ -166,6 +181,10 @@ def _compress(args: argparse.Namespace) -> int:
 
 
 def _decompress(args: argparse.Namespace) -> int:
+    import trio
+
+    from ..engine import layer_files
+
     _need_file(args.input)
     size = trio.run(layer_files.decompress_file, args.input, args.output)
     if args.json:
@@ -176,6 +195,10 @@ def _decompress(args: argparse.Namespace) -> int:
 
 
 def _extract(args: argparse.Namespace) -> int:
+    import trio
+
+    from ..engine import layer_files
+
     for path in args.layers:
         _need_file(path)
     info = trio.run(layer_files.extract_image, args.layers, args.output)

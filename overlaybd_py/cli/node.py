@@ -15,31 +15,17 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import trio
-
-from ..config import NodeConfig, load_config, parse_size
+from ..config import DAEMON_DIR, load_config, parse_size
 from ..control import ensure_daemon, request, responds
-from ..convert.unpack import UnpackResult, unpack_image
-from ..daemon import (
-    DAEMON_DIR,
-    NodeServer,
-    cleanup_stale,
-    read_records,
-    remove_unserved,
-    run_foreground,
-    serve_until_stopped,
-    server_dirs,
-    socket_of,
-)
-from ..engine._tasks import unwrap_group
-from ..engine.block_cache import BlockCache
 from ..errors import NotOverlaybdError, UsageError
-from ..formats.oci import Platform
-from ..registry import Reference
 from ._output import emit_json, emit_table, human_bytes
-from .image import client_from_args, registry_options
+from .image import client_from_args, registry_flags, registry_options
+
+if TYPE_CHECKING:  # the engine, daemon and trio are imported where used (cli/__init__)
+    from ..config import NodeConfig
+    from ..convert.unpack import UnpackResult
 
 __all__ = ["node_config", "node_options", "register"]
 
@@ -73,16 +59,12 @@ def _need_root() -> None:
 
 
 def _mount_params(args: argparse.Namespace) -> dict[str, Any]:
-    from .image import client_config_from_args
-
-    client = client_config_from_args(args)  # validates the registry flags
-    creds = client.default_credentials
+    username, password, _mirrors = registry_flags(args)
     return {
         "ref": args.ref, "target": os.path.abspath(args.target), "rw": args.rw,
         "upper": os.path.abspath(args.upper) if args.upper else None,
         "platform": args.platform, "plain_http": args.plain_http,
-        "username": creds.username if creds else None,
-        "password": creds.password if creds else None,
+        "username": username, "password": password if username else None,
         "record_trace": os.path.abspath(args.record_trace) if args.record_trace else None,
         "prefetch": os.path.abspath(args.prefetch) if args.prefetch else None,
     }
@@ -109,6 +91,8 @@ def _mount(args: argparse.Namespace) -> int:
         try:
             return _mount_lazily(args)
         except BaseExceptionGroup as group:
+            from ..engine._tasks import unwrap_group
+
             raise unwrap_group(group) from None
     except NotOverlaybdError as exc:
         if not args.fallback:
@@ -119,6 +103,12 @@ def _mount(args: argparse.Namespace) -> int:
 
 def _unpack_fallback(args: argparse.Namespace) -> int:
     """An ordinary full pull into TARGET (a plain directory, not a mount)."""
+    import trio
+
+    from ..convert.unpack import unpack_image
+    from ..formats.oci import Platform
+    from ..registry import Reference
+
     target = os.path.abspath(args.target)
     if not os.path.isdir(target):
         raise UsageError(f"mount target {target} is not a directory")
@@ -145,6 +135,10 @@ def _mount_lazily(args: argparse.Namespace) -> int:
     config = node_config(args)
     params = _mount_params(args)
     if args.foreground:
+        import trio
+
+        from ..daemon import NodeServer, run_foreground
+
         server_dir = str(Path(config.state_dir) / f"fg-{os.getpid()}")
         server = NodeServer(config, server_dir, exit_when_idle=True)
 
@@ -160,6 +154,8 @@ def _mount_lazily(args: argparse.Namespace) -> int:
 
 
 def _owner_of(config: NodeConfig, target: str) -> tuple[Path, str] | None:
+    from ..daemon import read_records, server_dirs
+
     real = os.path.realpath(target)
     for server_dir in server_dirs(config.state_dir):
         for record in read_records(server_dir):
@@ -169,6 +165,10 @@ def _owner_of(config: NodeConfig, target: str) -> tuple[Path, str] | None:
 
 
 def _umount(args: argparse.Namespace) -> int:
+    import trio
+
+    from ..daemon import cleanup_stale, remove_unserved, socket_of
+
     _need_root()
     config = node_config(args)
     trio.run(lambda: cleanup_stale(config.state_dir, daemon=False))
@@ -197,9 +197,15 @@ def _umount(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
+    from ..daemon import read_records, server_dirs, socket_of
+
     config = node_config(args)
     cleaned = []
     if os.geteuid() == 0:
+        import trio
+
+        from ..daemon import cleanup_stale
+
         cleaned = trio.run(lambda: cleanup_stale(config.state_dir, daemon=False))
     mounts: list[dict[str, Any]] = []
     unserved: list[dict[str, Any]] = []
@@ -254,6 +260,8 @@ def _cache(args: argparse.Namespace) -> int:
     if responds(sock):
         result = request(sock, "cache", action=args.action, max_size=max_size)
     else:
+        from ..engine.block_cache import BlockCache
+
         cache = BlockCache.open(config.cache_dir, config.cache_size)
         try:
             if args.action == "ls":
@@ -295,6 +303,10 @@ def _daemon(args: argparse.Namespace) -> int:
         sock = ensure_daemon(config, args.config)
         print(f"node daemon running (control socket {sock})")
         return 0
+    import trio
+
+    from ..daemon import NodeServer, serve_until_stopped
+
     server = NodeServer(config, config.daemon_dir, daemon=True)
     trio.run(serve_until_stopped, server)
     return 0

@@ -12,7 +12,6 @@ import os
 from dataclasses import asdict
 
 from ..errors import UsageError
-from ..formats.oci import Platform
 from ._output import emit_json
 from .image import client_config_from_args, registry_options
 from .node import node_config, node_options
@@ -33,6 +32,7 @@ def _snapshotter(args: argparse.Namespace) -> int:
 
 
 def _pull(args: argparse.Namespace) -> int:
+    from ..formats.oci import Platform
     from ..snapshotter import pull
 
     address = args.address or os.environ.get("CONTAINERD_ADDRESS") or DEFAULT_CONTAINERD

@@ -6,10 +6,7 @@ import argparse
 import os
 from typing import Any
 
-import trio
-
 from ..errors import UsageError
-from ..registry import Reference
 from ._output import emit_json, emit_table, human_bytes
 from .image import client_from_args, registry_options
 
@@ -75,7 +72,10 @@ def _plot(args: argparse.Namespace) -> int:
 
 
 def _push(args: argparse.Namespace) -> int:
+    import trio
+
     from ..coldstart.accel import push_trace
+    from ..registry import Reference
 
     try:
         with open(args.trace, "rb") as f:

@@ -6,6 +6,7 @@ clean-up, ``_clients`` registry access with credential reload.
 """
 
 from ..config import DAEMON_DIR
+from ._control import serve_control
 from ._records import (
     LayerSpec,
     MountRecord,
@@ -26,6 +27,7 @@ __all__ = [
     "read_records",
     "remove_unserved",
     "run_foreground",
+    "serve_control",
     "serve_until_stopped",
     "server_dirs",
     "socket_of",

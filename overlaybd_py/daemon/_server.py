@@ -47,7 +47,6 @@ import trio
 
 from .. import __version__
 from ..config import NodeConfig
-from ..control import serve_control
 from ..engine.block_cache import BlockCache
 from ..engine.image import ImageStatistics, LayerBlob, OpenImage, open_image
 from ..engine.prefetch import Prefetcher
@@ -64,6 +63,7 @@ from ..mount import attach_loop, detach_loop, is_mountpoint, mount_ext4, source_
 from ..registry import Reference
 from ..resolve import resolve_overlaybd
 from ._clients import ClientPool, RegistryBlob
+from ._control import serve_control
 from ._records import (
     LayerSpec,
     MountRecord,

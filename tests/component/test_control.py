@@ -15,7 +15,8 @@ import pytest
 import trio
 
 from overlaybd_py.config import NodeConfig
-from overlaybd_py.control import ControlError, ensure_daemon, request, responds, serve_control
+from overlaybd_py.control import ControlError, ensure_daemon, request, responds
+from overlaybd_py.daemon import serve_control
 from overlaybd_py.errors import NotFoundError, OverlaybdError, UsageError
 from overlaybd_py.metrics import NodeStatistics, serve_metrics
 from tests.fixtures.registry import free_port
