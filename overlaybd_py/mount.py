@@ -12,8 +12,6 @@ import logging
 import os
 import subprocess
 
-import trio
-
 from .errors import MountError
 
 __all__ = [
@@ -32,6 +30,8 @@ log = logging.getLogger(__name__)
 async def _run(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
     """Run a system tool without blocking the event loop (the FUSE server lives on it:
     ``mount`` makes the kernel read the image through us while the tool runs)."""
+    import trio  # here, not at import: the CLI's start-up stays light (cli/__init__)
+
     proc = await trio.run_process(list(argv), capture_stdout=True, capture_stderr=True,
                                   check=False)
     if check and proc.returncode:

@@ -164,14 +164,25 @@ def _owner_of(config: NodeConfig, target: str) -> tuple[Path, str] | None:
     return None
 
 
-def _umount(args: argparse.Namespace) -> int:
+def _clean_up_dead_servers(config: NodeConfig) -> list[str]:
+    """Tear down what dead foreground servers left; trio is loaded only if there is some."""
+    from ..daemon import dead_server_dirs
+
+    if not dead_server_dirs(config.state_dir, daemon=False):
+        return []
     import trio
 
-    from ..daemon import cleanup_stale, remove_unserved, socket_of
+    from ..daemon import cleanup_stale
+
+    return trio.run(lambda: cleanup_stale(config.state_dir, daemon=False))
+
+
+def _umount(args: argparse.Namespace) -> int:
+    from ..daemon import socket_of
 
     _need_root()
     config = node_config(args)
-    trio.run(lambda: cleanup_stale(config.state_dir, daemon=False))
+    _clean_up_dead_servers(config)
     owner = _owner_of(config, args.target)
     if owner is None:
         raise UsageError(f"{args.target} is not mounted by overlaybd-py "
@@ -181,6 +192,10 @@ def _umount(args: argparse.Namespace) -> int:
     removed = None
     if server_dir.name == DAEMON_DIR and not responds(sock):
         # The node daemon is stopped: remove the mount it would re-serve at its next start.
+        import trio
+
+        from ..daemon import remove_unserved
+
         removed = trio.run(remove_unserved, config, target)
         if removed is None:  # a daemon was starting after all: it serves the mount now
             sock = ensure_daemon(config, args.config)
@@ -200,13 +215,7 @@ def _status(args: argparse.Namespace) -> int:
     from ..daemon import read_records, server_dirs, socket_of
 
     config = node_config(args)
-    cleaned = []
-    if os.geteuid() == 0:
-        import trio
-
-        from ..daemon import cleanup_stale
-
-        cleaned = trio.run(lambda: cleanup_stale(config.state_dir, daemon=False))
+    cleaned = _clean_up_dead_servers(config) if os.geteuid() == 0 else []
     mounts: list[dict[str, Any]] = []
     unserved: list[dict[str, Any]] = []
     target = os.path.realpath(args.target) if args.target else None

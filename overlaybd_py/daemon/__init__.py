@@ -5,18 +5,20 @@ the control API, metrics, and the records that let a restart re-serve what was m
 clean-up, ``_clients`` registry access with credential reload.
 """
 
+import importlib
+from typing import Any
+
 from ..config import DAEMON_DIR
-from ._control import serve_control
 from ._records import (
     LayerSpec,
     MountRecord,
     cleanup_stale,
+    dead_server_dirs,
     read_records,
     remove_unserved,
     server_dirs,
     socket_of,
 )
-from ._server import NodeServer, run_foreground, serve_until_stopped
 
 __all__ = [
     "DAEMON_DIR",
@@ -24,6 +26,7 @@ __all__ = [
     "MountRecord",
     "NodeServer",
     "cleanup_stale",
+    "dead_server_dirs",
     "read_records",
     "remove_unserved",
     "run_foreground",
@@ -32,3 +35,15 @@ __all__ = [
     "server_dirs",
     "socket_of",
 ]
+
+# The serving side (trio, FUSE, the engine) loads on first use, so that the CLI's status and
+# umount, which only read the records, start quickly.
+_SERVING = {"NodeServer": "_server", "run_foreground": "_server",
+            "serve_until_stopped": "_server", "serve_control": "_control"}
+
+
+def __getattr__(name: str) -> Any:
+    module = _SERVING.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)

@@ -23,12 +23,12 @@ from ..config import DAEMON_DIR, NodeConfig
 from ..errors import MountError, OverlaybdError, UsageError
 from ..formats.oci import validate_digest
 from ..mount import detach_loop, is_mountpoint, loops_backed_by, mounts_under, source_of, unmount
-from ..registry import Reference
 
 __all__ = [
     "LayerSpec",
     "MountRecord",
     "cleanup_stale",
+    "dead_server_dirs",
     "read_records",
     "remove_unserved",
     "server_dirs",
@@ -62,6 +62,8 @@ class LayerSpec:
         if spec.path is not None and not os.path.isabs(spec.path):
             raise UsageError(f"{where}: path {spec.path!r} is not absolute")
         if spec.ref is not None:
+            from ..registry import Reference  # here: the CLI's status stays light
+
             Reference.parse(spec.ref)
         return spec
 
@@ -176,6 +178,20 @@ async def _release_fuse(server_dir: Path) -> None:
             await unmount(point, lazy=True)
 
 
+def dead_server_dirs(state_dir: str, *, daemon: bool = True) -> list[Path]:
+    """The directories of serving processes that are gone (what ``cleanup_stale`` cleans);
+    ``daemon=False`` leaves out the node daemon's."""
+    dead = []
+    for server_dir in server_dirs(state_dir):
+        if server_dir.name == DAEMON_DIR and not daemon:
+            continue
+        pid = _read_pid(server_dir)
+        if pid is not None and (pid == os.getpid() or _pid_alive(pid)):
+            continue
+        dead.append(server_dir)
+    return dead
+
+
 async def cleanup_stale(state_dir: str, *, daemon: bool = True) -> list[str]:
     """Remove what dead serving processes left behind. Returns the targets cleaned.
 
@@ -183,12 +199,8 @@ async def cleanup_stale(state_dir: str, *, daemon: bool = True) -> list[str]:
     those mounts. Foreground servers' leftovers are always removed.
     """
     cleaned = []
-    for server_dir in server_dirs(state_dir):
-        if server_dir.name == DAEMON_DIR and not daemon:
-            continue
+    for server_dir in dead_server_dirs(state_dir, daemon=daemon):
         pid = _read_pid(server_dir)
-        if pid is not None and (pid == os.getpid() or _pid_alive(pid)):
-            continue
         for record in read_records(server_dir):
             log.info("cleaning up %s left by dead server %s", record.target, pid)
             try:
