@@ -54,7 +54,9 @@ def registry_options(parser: argparse.ArgumentParser) -> None:
         help="try mirror URL before registry HOST for reads (repeatable, in order)",
     )
     group.add_argument(
-        "--proxy", metavar="URL", help="send all registry traffic through this HTTP proxy"
+        "--proxy", metavar="URL", help="send all registry traffic through this HTTP proxy "
+        "(default: HTTPS_PROXY, HTTP_PROXY, ALL_PROXY and NO_PROXY from the environment; "
+        "loopback registries are reached directly)"
     )
 
 

@@ -13,6 +13,7 @@ from .client import (
     PushedManifest,
     RegistryClient,
 )
+from .proxy_env import EnvProxies
 from .reference import Reference, host_platform, select_manifest
 from .referrers import (
     OVERLAYBD_ARTIFACT_TYPES,
@@ -31,6 +32,7 @@ __all__ = [
     "ClientConfig",
     "ClientStatistics",
     "Credentials",
+    "EnvProxies",
     "FetchedManifest",
     "HttpBlobSource",
     "PushedManifest",

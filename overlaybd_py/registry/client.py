@@ -53,6 +53,7 @@ from ..formats.oci import (
 )
 from ._http import check_content_range, raise_for_status, read_limited, skip_and_take
 from .auth import Credentials, RegistryAuth, docker_config_credentials
+from .proxy_env import EnvProxies
 from .range_sockets import ErrorAnswer, RangeSockets
 from .reference import Reference, select_manifest
 from .retry import RetryPolicy, retry
@@ -96,7 +97,10 @@ class ClientConfig:
     use_docker_config: bool = True
     docker_config_dir: str | None = None
     mirrors: Mapping[str, Sequence[str]] = field(default_factory=dict)
-    proxy: str | None = None
+    proxy: str | None = None  # every request through this proxy (environment ignored)
+    # HTTPS_PROXY, HTTP_PROXY, ALL_PROXY and NO_PROXY (proxy_env.py); None: read them from
+    # os.environ when the client opens, EnvProxies(): none.
+    env_proxies: EnvProxies | None = None
     ca_file: str | None = None
     max_parallel: int = 16
     connect_timeout: float = 10.0
@@ -107,7 +111,8 @@ class ClientConfig:
     user_agent: str = "overlaybd-py"
     transport: httpx.AsyncBaseTransport | None = None  # tests inject httpx.MockTransport
     # Large range reads on plain sockets in worker threads (range_sockets.py); off with a
-    # proxy or an injected transport, which only httpx honours.
+    # proxy or an injected transport, which only httpx honours, and for the hosts an
+    # environment proxy serves.
     socket_ranges: bool = True
 
     def __post_init__(self) -> None:
@@ -161,10 +166,13 @@ class _Endpoint:
 class RegistryClient:
     """Talks OCI distribution to any number of registries. Build with :meth:`open`."""
 
-    def __init__(self, config: ClientConfig, http: httpx.AsyncClient, auth: RegistryAuth):
+    def __init__(self, config: ClientConfig, http: httpx.AsyncClient, auth: RegistryAuth,
+                 env_proxies: EnvProxies | None = None):
         self._config = config
         self._http = http
         self._auth = auth
+        # the socket path serves only hosts reached directly
+        self._env_proxies = env_proxies or EnvProxies()
         self._sockets: RangeSockets | None = None
         if config.socket_ranges and config.transport is None and config.proxy is None:
             self._sockets = RangeSockets(
@@ -187,7 +195,11 @@ class RegistryClient:
         """Create a client; close it with :meth:`aclose` or use it as an async context manager."""
         config = config or ClientConfig()
         auth = RegistryAuth(config.credentials, user_agent=config.user_agent)
-        transport = config.transport or _make_transport(config)
+        env_proxies = EnvProxies()
+        if config.proxy is None and config.transport is None:
+            env_proxies = config.env_proxies if config.env_proxies is not None \
+                else EnvProxies.from_environ(os.environ)
+        transport = config.transport or _make_transport(config, env_proxies)
         http = httpx.AsyncClient(
             transport=transport,
             auth=auth,
@@ -197,7 +209,7 @@ class RegistryClient:
             headers={"User-Agent": config.user_agent},
             trust_env=False,
         )
-        return cls(config, http, auth)
+        return cls(config, http, auth, env_proxies)
 
     async def aclose(self) -> None:
         if self._sockets is not None:
@@ -493,7 +505,8 @@ class RegistryClient:
         what = f"blob {digest} range {offset}+{length}"
 
         async def op(endpoint: _Endpoint) -> bytes | bytearray:
-            if length >= SOCKET_RANGE_MIN and self._sockets is not None:
+            if length >= SOCKET_RANGE_MIN and self._sockets is not None and \
+                    self._env_proxies.proxy_for(endpoint.base) is None:
                 data = await self._socket_range(endpoint, path, offset, length)
                 if isinstance(data, ErrorAnswer):
                     url = endpoint.base + path
@@ -665,7 +678,40 @@ def _tune_httpcore() -> None:
         AsyncHTTP11Connection.READ_NUM_BYTES = _READ_BYTES
 
 
-def _make_transport(config: ClientConfig) -> httpx.AsyncHTTPTransport:
+def _make_transport(config: ClientConfig, env_proxies: EnvProxies) -> httpx.AsyncBaseTransport:
+    direct = _http_transport(config, config.proxy)
+    if not env_proxies:
+        return direct
+    return _ProxyRouter(direct, lambda proxy: _http_transport(config, proxy),
+                        env_proxies.proxy_for)
+
+
+class _ProxyRouter(httpx.AsyncBaseTransport):
+    """Sends each request directly or through the proxy the environment gives its URL
+    (httpx's own environment support is off: it ignores loopback and CIDR exemptions)."""
+
+    def __init__(self, direct: httpx.AsyncBaseTransport,
+                 make: Callable[[str], httpx.AsyncBaseTransport],
+                 proxy_for: Callable[[httpx.URL], str | None]) -> None:
+        self._direct = direct
+        self._make = make
+        self._proxy_for = proxy_for
+        self._proxied: dict[str, httpx.AsyncBaseTransport] = {}
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        proxy = self._proxy_for(request.url)
+        transport = self._direct
+        if proxy is not None:
+            transport = self._proxied.get(proxy) or self._proxied.setdefault(
+                proxy, self._make(proxy))
+        return await transport.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        for transport in (self._direct, *self._proxied.values()):
+            await transport.aclose()
+
+
+def _http_transport(config: ClientConfig, proxy: str | None) -> httpx.AsyncHTTPTransport:
     _tune_httpcore()
     # Nagle's algorithm holds back a small write while an earlier one is unacknowledged; with
     # the peer's delayed ACK that is ~40 ms on a request written in two pieces (headers, then
@@ -677,7 +723,7 @@ def _make_transport(config: ClientConfig) -> httpx.AsyncHTTPTransport:
         max_connections=None, max_keepalive_connections=config.max_parallel * 4, keepalive_expiry=30
     )
     return httpx.AsyncHTTPTransport(
-        verify=verify, limits=limits, proxy=config.proxy, socket_options=options, retries=0
+        verify=verify, limits=limits, proxy=proxy, socket_options=options, retries=0
     )
 
 

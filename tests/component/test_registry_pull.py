@@ -183,3 +183,31 @@ def test_proxy_option(registry, tmp_path):
     assert data == image.layers[0][10:30]
     assert proxy.requests[0] == f"GET {registry.url}/v2/{repo}/manifests/v1"
     assert any("/blobs/" in r for r in proxy.requests)
+
+
+def test_proxies_from_the_environment(registry, tmp_path, monkeypatch):
+    """HTTP_PROXY is honoured for a named registry, large range reads included (they then
+    go through httpx, not the direct socket path); a loopback registry is reached directly
+    (NO_PROXY matching: tests/unit/test_registry_proxy_env.py)."""
+    from tests.fixtures.httpproxy import ForwardProxy
+
+    repo = unique_repo("envproxy")
+    image = publish(registry, repo, tmp_path / "layout", _layers()[:1])
+    named = f"registry.proxied.test:{registry.port}"
+
+    async def body(client, host):
+        fetched = await client.get_manifest(Reference.parse(f"{host}/{repo}:v1"))
+        layer = fetched.parsed.layers[0]
+        return await client.read_blob_range(Reference.parse(f"{host}/{repo}:v1"), layer.digest,
+                                            1000, 1 << 20, blob_size=layer.size)
+
+    with ForwardProxy(hosts={"registry.proxied.test": "127.0.0.1"}) as proxy:
+        monkeypatch.setenv("HTTP_PROXY", proxy.url)
+        monkeypatch.setenv("NO_PROXY", "elsewhere.test")
+        assert with_client(lambda c: body(c, named)) == image.layers[0][1000 : 1000 + (1 << 20)]
+        assert proxy.requests[0] == f"GET http://{named}/v2/{repo}/manifests/v1"
+        assert sum("/blobs/" in r for r in proxy.requests) == 1  # the 1 MiB range
+        seen = len(proxy.requests)
+        assert with_client(lambda c: body(c, registry.host)) == \
+            image.layers[0][1000 : 1000 + (1 << 20)]
+        assert len(proxy.requests) == seen  # 127.0.0.1: direct

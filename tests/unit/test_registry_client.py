@@ -22,6 +22,7 @@ from overlaybd_py.formats.oci import OCI_MANIFEST, Descriptor, Manifest, sha256_
 from overlaybd_py.registry import (
     ClientConfig,
     Credentials,
+    EnvProxies,
     HttpBlobSource,
     Reference,
     RegistryClient,
@@ -436,6 +437,6 @@ def test_transport_sets_tcp_nodelay():
     import socket
 
     for flag in (True, False):
-        transport = _make_transport(ClientConfig(tcp_nodelay=flag))
+        transport = _make_transport(ClientConfig(tcp_nodelay=flag), EnvProxies())
         options = transport._pool._socket_options
         assert (socket.IPPROTO_TCP, socket.TCP_NODELAY, int(flag)) in options

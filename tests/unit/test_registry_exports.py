@@ -10,6 +10,7 @@ PUBLIC = {
     "ClientConfig",
     "ClientStatistics",
     "Credentials",
+    "EnvProxies",
     "FetchedManifest",
     "HttpBlobSource",
     "PushedManifest",
