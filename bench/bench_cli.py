@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 CASES = {"--help": ["--help"], "mount --help": ["mount", "--help"],
          "convert --help": ["convert", "--help"]}
-EAGER = ("import sys, trio, httpx, overlaybd_py.engine, overlaybd_py.daemon, "
+EAGER = ("import sys, trio, httpx, overlaybd_py.engine, overlaybd_py.daemon._server, "
          "overlaybd_py.registry, overlaybd_py.convert.converter, overlaybd_py.coldstart.harness; "
          "from overlaybd_py.cli import main; sys.exit(main(sys.argv[1:]))")
 

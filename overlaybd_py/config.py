@@ -181,7 +181,10 @@ def load_config(path: str | None) -> NodeConfig:
                     raise UsageError(f"{path}: mirror {url!r} for {host} is not an http(s) URL")
         settings["mirrors"] = {h: tuple(u) for h, u in mirrors.items()}
     if "proxy" in registry:
-        settings["proxy"] = _expect(registry, "proxy", str, path) or None
+        proxy = _expect(registry, "proxy", str, path).strip()
+        if proxy and proxy.lower() != "none" and not proxy.startswith(("http://", "https://")):
+            raise UsageError(f"{path}: registry.proxy should be an http(s) URL or 'none'")
+        settings["proxy"] = proxy or None
     if "retry_deadline" in registry:
         deadline = _expect(registry, "retry_deadline", (int, float), path)
         if deadline <= 0:

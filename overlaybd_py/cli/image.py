@@ -54,9 +54,9 @@ def registry_options(parser: argparse.ArgumentParser) -> None:
         help="try mirror URL before registry HOST for reads (repeatable, in order)",
     )
     group.add_argument(
-        "--proxy", metavar="URL", help="send all registry traffic through this HTTP proxy "
-        "(default: HTTPS_PROXY, HTTP_PROXY, ALL_PROXY and NO_PROXY from the environment; "
-        "loopback registries are reached directly)"
+        "--proxy", metavar="URL", help="send all registry traffic through this HTTP proxy, or "
+        "'none' for no proxy (default: HTTPS_PROXY, HTTP_PROXY and NO_PROXY from the "
+        "environment, as containerd reads them; loopback registries are reached directly)"
     )
 
 
@@ -65,8 +65,9 @@ def registry_flags(args: argparse.Namespace) -> tuple[str | None, str | None,
     """The checked flags of :func:`registry_options`: user name, password (read from stdin
     for ``--password-stdin``) and mirrors by host; raises UsageError."""
     password = args.password
-    if args.password_stdin:
+    if args.password_stdin:  # read once: a command may check its flags twice
         password = sys.stdin.readline().rstrip("\r\n")
+        args.password, args.password_stdin = password, False
     if password is not None and not args.username:
         raise UsageError("--password needs --username")
     if args.username and password is None:
@@ -83,12 +84,13 @@ def registry_flags(args: argparse.Namespace) -> tuple[str | None, str | None,
 def client_config_from_args(args: argparse.Namespace) -> ClientConfig:
     """A ClientConfig from the flags of :func:`registry_options`; raises UsageError."""
     from ..registry import ClientConfig, Credentials
+    from ..registry.proxy_env import proxy_setting
 
     username, password, mirrors = registry_flags(args)
     creds = Credentials(username, password) if username else None
-    return ClientConfig(
-        plain_http=args.plain_http, default_credentials=creds, mirrors=mirrors, proxy=args.proxy
-    )
+    proxy, env_proxies = proxy_setting(args.proxy, "--proxy")
+    return ClientConfig(plain_http=args.plain_http, default_credentials=creds, mirrors=mirrors,
+                        proxy=proxy, env_proxies=env_proxies)
 
 
 async def client_from_args(args: argparse.Namespace) -> RegistryClient:

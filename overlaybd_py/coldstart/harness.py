@@ -44,7 +44,7 @@ from ..registry import ClientConfig, Reference, RegistryClient
 from ..resolve import resolve_overlaybd
 from . import images
 from .lazymount import LazyMountProcess
-from .network import Link, NetNamespace
+from .network import BENCH_SUBNETS, Link, NetNamespace
 from .servers import BenchRegistry, Processes, free_port, start_delay_proxy
 from .traces import load_trace, summarize
 from .variants import MOUNTERS, RUNNERS, VARIANTS, Variant, cli_supports_traces, drop_caches
@@ -424,6 +424,11 @@ def run_bench(opts: BenchOptions) -> tuple[dict[str, Any], list[str]]:
     """Run the experiment with SIGTERM treated like Ctrl-C (both clean up). Returns the
     result and the leftovers check (an empty list when everything was removed)."""
     bench = Bench(opts)
+    # The registry lives in the benchmark's own network: no process of the run (containerd,
+    # skopeo, our daemon) may send it through a proxy the caller's environment names.
+    saved = {name: os.environ.get(name) for name in ("NO_PROXY", "no_proxy")}
+    for name, value in saved.items():
+        os.environ[name] = ",".join(filter(None, (value, str(BENCH_SUBNETS))))
 
     def interrupted(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
@@ -440,3 +445,8 @@ def run_bench(opts: BenchOptions) -> tuple[dict[str, Any], list[str]]:
         return result, bench.leftovers()
     finally:
         signal.signal(signal.SIGTERM, previous)
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

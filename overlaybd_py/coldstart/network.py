@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from ..errors import UsageError
 
-__all__ = ["LINKS", "Link", "NetNamespace"]
+__all__ = ["BENCH_SUBNETS", "LINKS", "Link", "NetNamespace"]
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ LINKS = {
     "200mbit-10ms": Link("200mbit-10ms", 200.0, 10.0),
 }
 
-_SUBNETS = ipaddress.ip_network("10.213.0.0/16")
+BENCH_SUBNETS = ipaddress.ip_network("10.213.0.0/16")  # the veth pairs' /30s come from here
 
 
 def _ip(*args: str, netns: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
@@ -62,7 +62,7 @@ def _free_subnet() -> ipaddress.IPv4Network:
     used = subprocess.run(["ip", "-4", "-o", "addr"], capture_output=True, text=True).stdout
     used += subprocess.run(["ip", "-4", "route"], capture_output=True, text=True).stdout
     start = os.getpid() % 16384
-    subnets = list(_SUBNETS.subnets(new_prefix=30))
+    subnets = list(BENCH_SUBNETS.subnets(new_prefix=30))
     for i in range(len(subnets)):
         net = subnets[(start + i) % len(subnets)]
         if str(net.network_address)[:-1] not in used and str(net[1]) not in used:

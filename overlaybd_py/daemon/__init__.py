@@ -42,6 +42,10 @@ _SERVING = {"NodeServer": "_server", "run_foreground": "_server",
             "serve_until_stopped": "_server", "serve_control": "_control"}
 
 
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_SERVING))
+
+
 def __getattr__(name: str) -> Any:
     module = _SERVING.get(name)
     if module is None:

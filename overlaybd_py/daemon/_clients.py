@@ -19,6 +19,7 @@ from ..registry import (
     RetryPolicy,
     docker_config_credentials,
 )
+from ..registry.proxy_env import proxy_setting
 
 __all__ = ["ClientPool", "RegistryBlob"]
 
@@ -51,11 +52,12 @@ class ClientPool:
         plain_http, username, password = key
         plain: bool | frozenset[str] = True if plain_http else frozenset(self._config.plain_http)
         creds = Credentials(username, password or "") if username else None
+        proxy, env_proxies = proxy_setting(self._config.proxy, "[registry] proxy")
         return ClientConfig(
             plain_http=plain, default_credentials=creds,
             use_docker_config=self._config.use_docker_config,
             mirrors={h: list(u) for h, u in self._config.mirrors.items()},
-            proxy=self._config.proxy, docker_config_dir=self._config.docker_config_dir,
+            proxy=proxy, env_proxies=env_proxies, docker_config_dir=self._config.docker_config_dir,
             retry=RetryPolicy(deadline=self._config.retry_deadline),
         )
 

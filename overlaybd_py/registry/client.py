@@ -707,8 +707,9 @@ class _ProxyRouter(httpx.AsyncBaseTransport):
         return await transport.handle_async_request(request)
 
     async def aclose(self) -> None:
-        for transport in (self._direct, *self._proxied.values()):
-            await transport.aclose()
+        async with contextlib.AsyncExitStack() as stack:  # all of them, even if one fails
+            for transport in (self._direct, *self._proxied.values()):
+                stack.push_async_callback(transport.aclose)
 
 
 def _http_transport(config: ClientConfig, proxy: str | None) -> httpx.AsyncHTTPTransport:

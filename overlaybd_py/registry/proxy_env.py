@@ -1,16 +1,20 @@
-"""Proxies from the environment: ``HTTPS_PROXY``, ``HTTP_PROXY``, ``ALL_PROXY`` and
-``NO_PROXY`` (either case), with the meanings containerd, docker and skopeo give them.
+"""Proxies from the environment: ``HTTPS_PROXY``, ``HTTP_PROXY`` and ``NO_PROXY`` (either
+case; upper case wins), read as Go's HTTP client reads them, so as containerd, docker and
+skopeo on the same node do.
 
-A URL gets the proxy of its scheme (``ALL_PROXY`` when that is unset) unless its host is
-exempt: loopback hosts (``localhost``, 127.0.0.0/8, ::1) never go through a proxy, as in Go's
-HTTP client, and ``NO_PROXY`` lists more: ``*`` (everything), domain names (``example.com``
-and ``.example.com`` both cover the domain and its subdomains), IP addresses, CIDR ranges,
-each optionally with ``:port``. Pure: it reads the mapping it is given.
+An ``https`` URL goes through ``HTTPS_PROXY``, an ``http`` one through ``HTTP_PROXY``, unless
+its host is exempt: ``localhost`` and loopback addresses never go through a proxy, and
+``NO_PROXY`` lists more, separated by commas or spaces: ``*`` (everything), a domain name
+(``example.com`` covers it and its subdomains, ``.example.com`` and ``*.example.com`` the
+subdomains only), an IP address or CIDR range; each may carry ``:port``. A proxy this client
+cannot use (a SOCKS proxy: httpx needs an extra package for it) is ignored with a warning,
+as the environment was before this client read it. Pure: it reads the mapping it is given.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -18,45 +22,112 @@ import httpx
 
 from ..errors import UsageError
 
-__all__ = ["EnvProxies"]
+__all__ = ["EnvProxies", "proxy_setting"]
+
+log = logging.getLogger(__name__)
+
+_Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+_Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 def _get(environ: Mapping[str, str], name: str) -> str | None:
-    value = environ.get(name.upper()) or environ.get(name.lower())
+    value = environ.get(name) or environ.get(name.lower())
     return value.strip() or None if value else None
 
 
+def _without_password(url: str) -> str:
+    scheme, sep, rest = url.rpartition("://")
+    _userinfo, at, hostport = rest.rpartition("@")
+    return f"{scheme}{sep}{'***@' if at else ''}{hostport}"
+
+
 def _proxy_url(value: str | None, name: str) -> str | None:
+    """The proxy a variable names, or None (unset, or one this client cannot use)."""
     if value is None:
         return None
     url = value if "://" in value else f"http://{value}"
     try:
         parsed = httpx.URL(url)
-    except httpx.InvalidURL as exc:
-        raise UsageError(f"{name}={value!r}: not a proxy URL ({exc})") from None
-    if parsed.scheme not in ("http", "https") or not parsed.host:
-        raise UsageError(f"{name}={value!r}: expected an http(s) proxy, http://HOST:PORT")
+        usable = parsed.scheme in ("http", "https") and bool(parsed.host)
+    except httpx.InvalidURL:
+        usable = False
+    if not usable:
+        log.warning("ignoring %s=%s: only http(s) proxies are supported (http://HOST:PORT)",
+                    name, _without_password(url))
+        return None
     return url
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost" or host.endswith(".localhost"):
-        return True
+def _address(host: str) -> _Address | None:
     try:
-        return ipaddress.ip_address(host).is_loopback
+        address = ipaddress.ip_address(host)
     except ValueError:
-        return False
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
 
 
 def _split_port(entry: str) -> tuple[str, int | None]:
-    if entry.startswith("["):  # [v6]:port
+    """``host[:port]`` or ``[v6]:port``; a port that is empty or not a number counts as none
+    (it then matches any port)."""
+    if entry.startswith("["):
         host, _, rest = entry[1:].partition("]")
-        return host, int(rest[1:]) if rest.startswith(":") and rest[1:].isdigit() else None
-    if entry.count(":") == 1:
+        port = rest[1:] if rest.startswith(":") else ""
+    elif entry.count(":") == 1:
         host, _, port = entry.partition(":")
-        if port.isdigit():
-            return host, int(port)
-    return entry, None
+    else:
+        return entry, None
+    return host, int(port) if port.isascii() and port.isdigit() else None
+
+
+@dataclass(frozen=True, slots=True)
+class _Exemption:
+    """One NO_PROXY entry, parsed."""
+
+    network: _Network | None = None  # an address or CIDR range
+    domain: str = ""  # without a leading "." or "*."
+    subdomains_only: bool = False
+    port: int | None = None
+
+    @classmethod
+    def parse(cls, entry: str) -> _Exemption | None:
+        name, port = _split_port(entry)
+        try:
+            return cls(network=ipaddress.ip_network(name, strict=False), port=port)
+        except ValueError:
+            pass
+        subdomains_only = name.startswith((".", "*."))
+        domain = name.removeprefix("*").lstrip(".").rstrip(".")
+        return cls(domain=domain, subdomains_only=subdomains_only, port=port) if domain else None
+
+    def covers(self, host: str, address: _Address | None, port: int) -> bool:
+        if self.port is not None and self.port != port:
+            return False
+        if self.network is not None:
+            return address is not None and address in self.network
+        if host.endswith("." + self.domain):
+            return True
+        return host == self.domain and not self.subdomains_only
+
+
+def proxy_setting(value: str | None, where: str) -> tuple[str | None, EnvProxies | None]:
+    """A ``--proxy`` flag or ``[registry] proxy`` setting as ``ClientConfig``'s ``proxy`` and
+    ``env_proxies``: unset -> the environment's; ``none`` -> no proxy at all; a URL -> every
+    request through it. Raises UsageError naming ``where`` for anything else."""
+    if value is None or value == "":
+        return None, None
+    if value.strip().lower() == "none":
+        return None, EnvProxies()
+    try:
+        parsed = httpx.URL(value)
+        ok = parsed.scheme in ("http", "https") and bool(parsed.host)
+    except httpx.InvalidURL:
+        ok = False
+    if not ok:
+        raise UsageError(f"{where} {_without_password(value)!r}: expected http(s)://HOST:PORT "
+                         "or 'none'")
+    return value, None
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,54 +136,35 @@ class EnvProxies:
 
     http: str | None = None
     https: str | None = None
-    no_proxy: tuple[str, ...] = ()
+    bypass_all: bool = False
+    exemptions: tuple[_Exemption, ...] = ()
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str]) -> EnvProxies:
-        """Read the variables (raises UsageError naming a malformed one)."""
-        fallback = _proxy_url(_get(environ, "ALL_PROXY"), "ALL_PROXY")
-        exempt = _get(environ, "NO_PROXY") or ""
+        entries = (_get(environ, "NO_PROXY") or "").replace(" ", ",").split(",")
+        entries = [e.strip().lower() for e in entries if e.strip()]
+        parsed = (_Exemption.parse(e) for e in entries if e != "*")
         return cls(
-            http=_proxy_url(_get(environ, "HTTP_PROXY"), "HTTP_PROXY") or fallback,
-            https=_proxy_url(_get(environ, "HTTPS_PROXY"), "HTTPS_PROXY") or fallback,
-            no_proxy=tuple(e.strip().lower() for e in exempt.replace(" ", ",").split(",")
-                           if e.strip()),
+            http=_proxy_url(_get(environ, "HTTP_PROXY"), "HTTP_PROXY"),
+            https=_proxy_url(_get(environ, "HTTPS_PROXY"), "HTTPS_PROXY"),
+            bypass_all="*" in entries,
+            exemptions=tuple(e for e in parsed if e is not None),
         )
 
     def __bool__(self) -> bool:
-        return bool(self.http or self.https)
+        return bool(self.http or self.https) and not self.bypass_all
 
     def proxy_for(self, url: str | httpx.URL) -> str | None:
         """The proxy URL for a request to ``url``, or None to connect directly."""
         parsed = httpx.URL(url)
         proxy = self.https if parsed.scheme == "https" else self.http
-        if proxy is None:
+        if proxy is None or self.bypass_all:
             return None
         host = parsed.host.lower().rstrip(".")
-        if _is_loopback(host) or self._exempt(host, parsed.port or
-                                              (443 if parsed.scheme == "https" else 80)):
+        address = _address(host)
+        if host == "localhost" or (address is not None and address.is_loopback):
+            return None
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        if any(e.covers(host, address, port) for e in self.exemptions):
             return None
         return proxy
-
-    def _exempt(self, host: str, port: int) -> bool:
-        try:
-            address = ipaddress.ip_address(host)
-        except ValueError:
-            address = None
-        for entry in self.no_proxy:
-            if entry == "*":
-                return True
-            name, entry_port = _split_port(entry)
-            if entry_port is not None and entry_port != port:
-                continue
-            if address is not None:
-                try:
-                    if address in ipaddress.ip_network(name, strict=False):
-                        return True
-                except ValueError:
-                    pass
-                continue
-            domain = name.removeprefix("*").lstrip(".")
-            if domain and (host == domain or host.endswith("." + domain)):
-                return True
-        return False

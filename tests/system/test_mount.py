@@ -242,5 +242,9 @@ def test_mount_errors_are_clear(node, rich_image, registry, tmp_path):  # noqa: 
     proc = node.run("mount", ref, tmp_path / "no-such-dir", "--plain-http",
                     *node.node_flags(), check=False)
     assert proc.returncode == 2 and "not a directory" in proc.stderr
+    (tmp_path / "t2").mkdir()
+    proc = node.run("mount", ref, tmp_path / "t2", "--plain-http", "--mirror",
+                    "docker.io=http://m:5000", *node.node_flags(), check=False)
+    assert proc.returncode == 2 and "[registry] proxy and mirrors" in proc.stderr
     proc = node.run("umount", tmp_path / "never-mounted", check=False)
     assert proc.returncode == 2 and "not mounted by overlaybd-py" in proc.stderr

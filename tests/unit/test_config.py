@@ -107,6 +107,7 @@ def test_overrides_keep_unset_values(tmp_path):
     ("[registry]\nmirrors = { 'docker.io' = 'https://m' }\n", "should be a list of URLs"),
     ("[registry]\nmirrors = { 'docker.io' = ['ftp://m'] }\n", "not an http(s) URL"),
     ("[registry]\nretry_deadline = 0\n", "must be positive"),
+    ("[registry]\nproxy = 'socks5://p:1080'\n", "should be an http(s) URL or 'none'"),
     ("[snapshotter]\nroot = 'relative/dir'\n", "must be an absolute path"),
     ("state_dir = \n", "cannot read config file"),
 ])
@@ -116,6 +117,10 @@ def test_errors_name_the_file_and_the_key(tmp_path, text, message):
     assert message in str(failed.value)
     assert str(tmp_path / "config.toml") in str(failed.value)
     assert failed.value.exit_code == 2
+
+
+def test_proxy_none_is_kept_for_the_clients(tmp_path):
+    assert _load(tmp_path, "[registry]\nproxy = 'none'\n").proxy == "none"
 
 
 def test_credentials_none_turns_the_docker_config_off(tmp_path):

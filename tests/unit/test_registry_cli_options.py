@@ -53,8 +53,21 @@ def test_all_flags():
 
 def test_password_stdin(monkeypatch):
     monkeypatch.setattr("sys.stdin", io.StringIO("from-stdin\n"))
-    config = client_config_from_args(_parse("--username", "u", "--password-stdin"))
+    args = _parse("--username", "u", "--password-stdin")
+    config = client_config_from_args(args)
     assert config.default_credentials == Credentials("u", "from-stdin")
+    # read once: mount --fallback checks the flags for the lazy try, then for the pull
+    assert client_config_from_args(args).default_credentials == Credentials("u", "from-stdin")
+
+
+def test_proxy_flag():
+    assert client_config_from_args(_parse("--proxy", "http://p:3128")).proxy == "http://p:3128"
+    config = client_config_from_args(_parse("--proxy", "none"))
+    assert config.proxy is None and config.env_proxies is not None and not config.env_proxies
+    assert client_config_from_args(_parse()).env_proxies is None  # the environment decides
+    assert client_config_from_args(_parse("--proxy", "")).env_proxies is None
+    with pytest.raises(UsageError, match="--proxy"):
+        client_config_from_args(_parse("--proxy", "socks5://p:1080"))
 
 
 @pytest.mark.parametrize(
