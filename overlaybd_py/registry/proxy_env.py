@@ -41,17 +41,21 @@ def _without_password(url: str) -> str:
     return f"{scheme}{sep}{'***@' if at else ''}{hostport}"
 
 
+def _usable(url: str) -> bool:
+    """An http(s) proxy URL with a host (httpx needs an extra package for SOCKS)."""
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL:
+        return False
+    return parsed.scheme in ("http", "https") and bool(parsed.host)
+
+
 def _proxy_url(value: str | None, name: str) -> str | None:
     """The proxy a variable names, or None (unset, or one this client cannot use)."""
     if value is None:
         return None
     url = value if "://" in value else f"http://{value}"
-    try:
-        parsed = httpx.URL(url)
-        usable = parsed.scheme in ("http", "https") and bool(parsed.host)
-    except httpx.InvalidURL:
-        usable = False
-    if not usable:
+    if not _usable(url):
         log.warning("ignoring %s=%s: only http(s) proxies are supported (http://HOST:PORT)",
                     name, _without_password(url))
         return None
@@ -119,12 +123,7 @@ def proxy_setting(value: str | None, where: str) -> tuple[str | None, EnvProxies
         return None, None
     if value.strip().lower() == "none":
         return None, EnvProxies()
-    try:
-        parsed = httpx.URL(value)
-        ok = parsed.scheme in ("http", "https") and bool(parsed.host)
-    except httpx.InvalidURL:
-        ok = False
-    if not ok:
+    if not _usable(value):
         raise UsageError(f"{where} {_without_password(value)!r}: expected http(s)://HOST:PORT "
                          "or 'none'")
     return value, None
