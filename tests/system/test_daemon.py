@@ -30,6 +30,8 @@ from tests.fixtures.node import Node
 from tests.fixtures.registry import (
     TEST_PASSWORD,
     TEST_USER,
+    RegistryServer,
+    TokenServer,
     free_port,
     registry,  # noqa: F401  (fixture)
     registry_basic,  # noqa: F401  (fixture)
@@ -151,6 +153,16 @@ def test_daemon_from_config_serves_metrics_and_runs_once(tmp_path, layers, regis
         node.stop()
 
 
+def _push_as_test_user(host: str, ref: str, layer_files: list[Path]) -> None:
+    async def push() -> None:
+        config = ClientConfig(plain_http=True, use_docker_config=False,
+                              credentials={host: Credentials(TEST_USER, TEST_PASSWORD)})
+        async with await RegistryClient.open(config) as client:
+            await push_overlaybd_image(client, ref, layer_files)
+
+    trio.run(push)
+
+
 def _docker_config(directory: Path, host: str, password: str) -> None:
     auth = base64.b64encode(f"{TEST_USER}:{password}".encode()).decode()
     directory.mkdir(exist_ok=True)
@@ -163,13 +175,7 @@ def test_credentials_are_reloaded_when_the_registry_answers_401(
     host = registry_basic.host
     ref = f"{host}/daemon/private:v1"
 
-    async def push() -> None:
-        config = ClientConfig(plain_http=True, use_docker_config=False,
-                              credentials={host: Credentials(TEST_USER, TEST_PASSWORD)})
-        async with await RegistryClient.open(config) as client:
-            await push_overlaybd_image(client, ref, layer_files)
-
-    trio.run(push)
+    _push_as_test_user(host, ref, layer_files)
     docker = tmp_path / "docker"
     _docker_config(docker, host, "wrong-password")
     config = tmp_path / "config.toml"
@@ -187,3 +193,44 @@ def test_credentials_are_reloaded_when_the_registry_answers_401(
         node.umount(second)
     finally:
         node.stop()
+
+
+def test_credentials_rotated_while_an_image_is_mounted_are_reloaded_by_its_reads(
+        tmp_path, layers):
+    """A registry whose tokens expire within seconds stops accepting the mounted image's
+    credentials: reads of blocks not cached yet fail (EIO) until the docker config has the
+    new ones, then go on through the same mount, with no restart or remount."""
+    layer_files, oracle = layers
+    with TokenServer(tmp_path / "tokens", expires_in=2) as tokens, \
+            RegistryServer(tmp_path / "registry", auth="token", token_server=tokens) as server:
+        host = server.host
+        ref = f"{host}/daemon/rotating:v1"
+
+        _push_as_test_user(host, ref, layer_files)
+        docker = tmp_path / "docker"
+        _docker_config(docker, host, TEST_PASSWORD)
+        config = tmp_path / "config.toml"
+        config.write_text(f'[registry]\ninsecure = ["{host}"]\ndocker_config_dir = "{docker}"\n'
+                          'retry_deadline = 5\n')
+        node = Node(tmp_path / "node", config=str(config))
+        target = tmp_path / "mnt"
+        try:
+            node.mount(ref, target)
+            pid = node.daemon_pid()
+            assert (target / "etc" / "hello.txt").read_text() == "hello\n"
+            sizes = {p.name: p.stat().st_size for p in target.iterdir() if p.is_file()}
+            assert sizes == {f"blob{i}.bin": 2 << 20 for i in range(3)}
+            tokens.password = "rotated-secret"  # the registry's side: old tokens run out
+            time.sleep(3)
+            with pytest.raises(OSError) as failed:
+                (target / "blob2.bin").read_bytes()  # not cached: needs the registry
+            assert failed.value.errno == 5
+            issued = len(tokens.requests)  # tokens granted (right password) so far
+            _docker_config(docker, host, "rotated-secret")  # the node gets the new ones
+            assert tree_digest(target) == oracle  # every byte, through the same mount
+            assert node.daemon_pid() == pid
+            assert len(tokens.requests) > issued  # granted to the rotated password
+            node.umount(target)
+        finally:
+            node.stop()
+
