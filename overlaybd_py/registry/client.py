@@ -98,7 +98,7 @@ class ClientConfig:
     docker_config_dir: str | None = None
     mirrors: Mapping[str, Sequence[str]] = field(default_factory=dict)
     proxy: str | None = None  # every request through this proxy (environment ignored)
-    # HTTPS_PROXY, HTTP_PROXY, ALL_PROXY and NO_PROXY (proxy_env.py); None: read them from
+    # HTTPS_PROXY, HTTP_PROXY and NO_PROXY (proxy_env.py); None: read them from
     # os.environ when the client opens, EnvProxies(): none.
     env_proxies: EnvProxies | None = None
     ca_file: str | None = None
