@@ -505,8 +505,8 @@ class RegistryClient:
         what = f"blob {digest} range {offset}+{length}"
 
         async def op(endpoint: _Endpoint) -> bytes | bytearray:
-            if length >= SOCKET_RANGE_MIN and self._sockets is not None and \
-                    self._env_proxies.proxy_for(endpoint.base) is None:
+            if length >= SOCKET_RANGE_MIN and self._sockets is not None and not (
+                    self._env_proxies and self._env_proxies.proxy_for(endpoint.base)):
                 data = await self._socket_range(endpoint, path, offset, length)
                 if isinstance(data, ErrorAnswer):
                     url = endpoint.base + path
