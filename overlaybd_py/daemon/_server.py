@@ -55,6 +55,7 @@ from ..engine.trace_recorder import TraceRecorder, attach_recorder
 from ..engine.writable import WritableLayer
 from ..engine.zfile_source import DecodedChunkCache
 from ..errors import AuthError, DigestMismatchError, FormatError, OverlaybdError, UsageError
+from ..formats import oci
 from ..formats import trace as tracefmt
 from ..formats.oci import Platform
 from ..fusefs import BlockFs, serve_blockfs
@@ -330,15 +331,8 @@ class NodeServer:
         prefetch = await _prefetch_source(params)
         accel = resolved.acceleration_layer
         if prefetch is None and accel is not None:
-            # The image ships a trace (``trace push``): prefetch it. A bad one is not fatal.
-            try:
-                blob = await self._retry_auth(key, ref.api_host,
-                                              lambda c: c.get_blob(resolved.image, accel))
-                prefetch = tracefmt.decode_prefetch_input(
-                    tracefmt.trace_from_acceleration_layer(blob))
-            except FormatError as exc:
-                log.warning("%s: ignoring its acceleration layer %s: %s", ref, accel.digest,
-                            exc)
+            prefetch = await self._acceleration_prefetch(
+                key, LayerSpec(accel.digest, accel.size, ref=image_ref), str(ref))
         result = await self._mount_layers(
             specs, params, name=str(ref), image=image_ref, via=resolved.via,
             writable=bool(params.get("rw")), upper_dir=params.get("upper"),
@@ -353,11 +347,34 @@ class NodeServer:
             raise UsageError("mount_layers needs a non-empty 'layers' list")
         specs = [LayerSpec.parse(item, f"layers[{i}]") for i, item in enumerate(raw)]
         name = str(params.get("name") or specs[-1].ref or specs[-1].path)
+        prefetch = await _prefetch_source(params)
+        if prefetch is None and params.get("acceleration_layer") is not None:
+            accel = LayerSpec.parse(params["acceleration_layer"], "acceleration_layer")
+            prefetch = await self._acceleration_prefetch(ClientPool.key(params), accel, name)
         result = await self._mount_layers(specs, params, name=name, image=specs[-1].digest,
                                           via="layers", writable=False, upper_dir=None,
-                                          prefetch=await _prefetch_source(params))
+                                          prefetch=prefetch)
         log.info("mounted %d layer(s) of %s at %s", len(specs), name, result["target"])
         return result
+
+    async def _acceleration_prefetch(self, key: tuple, accel: LayerSpec, name: str
+                                     ) -> tracefmt.TraceFile | tracefmt.PriorityList | None:
+        """The trace (or priority list) an image's acceleration layer carries (``trace
+        push``), to prefetch. A bad layer is not fatal: the image mounts without prefetch."""
+        try:
+            if accel.path is not None:
+                blob = await trio.Path(accel.path).read_bytes()
+                if oci.sha256_digest(blob) != accel.digest:
+                    raise DigestMismatchError(f"{accel.path} is not blob {accel.digest}")
+            else:
+                ref = Reference.parse(accel.ref or "")
+                layer = oci.Descriptor(oci.OCI_LAYER, accel.digest, accel.size)
+                blob = await self._retry_auth(key, ref.api_host,
+                                              lambda c: c.get_blob(ref, layer))
+            return tracefmt.decode_prefetch_input(tracefmt.trace_from_acceleration_layer(blob))
+        except (FormatError, DigestMismatchError, OSError) as exc:
+            log.warning("%s: ignoring its acceleration layer %s: %s", name, accel.digest, exc)
+            return None
 
     async def _mount_layers(self, specs: list[LayerSpec], params: dict[str, Any], *, name: str,
                             image: str, via: str, writable: bool, upper_dir: str | None,

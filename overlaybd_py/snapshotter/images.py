@@ -65,12 +65,15 @@ class ImageMounts:
         return any(m["owner"] == self.owner for m in mounts)
 
     def ensure(self, snapshot_id: int, layers: list[dict[str, Any]], name: str,
-               record_trace: str | None = None) -> Path:
+               record_trace: str | None = None,
+               acceleration: dict[str, Any] | None = None) -> Path:
         """Make sure the image of ``layers`` (bottom first) is mounted for ``snapshot_id``;
         returns the mount point. Raises what the daemon raises (MountError, RegistryError...).
         ``record_trace``: record the image's reads from its mount on into that path (written
         when the image is unmounted, or when ``PATH.lock`` is deleted); an image mounted
-        already for another container is not recorded (its start is over)."""
+        already for another container is not recorded (its start is over).
+        ``acceleration``: the image's acceleration layer (a remote blob holding a trace, or
+        a local trace file unpacked from one), prefetched as the image is mounted."""
         target = self.target(snapshot_id)
         with self._locked(snapshot_id):
             sock = self._socket()  # one ping (and daemon start) per call, not per request
@@ -83,7 +86,12 @@ class ImageMounts:
             for point in mounts_under(str(target)):  # a dead mount the daemon forgot
                 log.warning("removing stale mount %s", point)
                 _lazy_umount(point)
-            extra = {"record_trace": record_trace} if record_trace else {}
+            extra: dict[str, Any] = {"record_trace": record_trace} if record_trace else {}
+            if acceleration is not None and acceleration.get("path"):
+                extra["prefetch"] = acceleration["path"]
+            elif acceleration is not None:
+                extra["acceleration_layer"] = {k: acceleration[k] for k in ("digest", "size",
+                                                                            "ref")}
             request(sock, "mount_layers", timeout=_MOUNT_TIMEOUT, target=str(target),
                     layers=layers, name=name, owner=self.owner, **extra)
             log.info("mounted image %s for snapshot %d", name, snapshot_id)

@@ -5,7 +5,8 @@ What the original's ``ctr rpull`` does, through containerd's gRPC API: resolve t
 manifest and config into containerd's content store, Prepare each layer's snapshot through
 containerd with the labels that make our snapshotter commit it as a remote snapshot
 (``containerd.io/snapshot.ref`` = the chain ID, the overlaybd blob labels and
-``containerd.io/snapshot/image-ref``; AlreadyExists means done), set the garbage-collection
+``containerd.io/snapshot/image-ref``; AlreadyExists means done; an acceleration layer too,
+which the snapshotter prefetches from instead of stacking), set the garbage-collection
 labels containerd's own pull sets, and create the image record. ``ctr run --snapshotter``
 then finds the image unpacked. Only the manifest(s) and config cross the network.
 """
@@ -25,7 +26,7 @@ import trio
 from google.protobuf import empty_pb2, field_mask_pb2
 
 from ..convert.manifests import chain_ids
-from ..errors import FormatError, MountError, UnsupportedFormatError, UsageError
+from ..errors import FormatError, MountError, UsageError
 from ..formats import oci
 from ..formats.oci import Manifest, Platform
 from ..registry import ClientConfig, Reference, RegistryClient
@@ -78,10 +79,6 @@ async def _resolve(ref: Reference, config: ClientConfig,
                    platform: Platform | None) -> _Resolved:
     async with await RegistryClient.open(config) as client:
         resolved = await resolve_overlaybd(client, ref, platform)
-        if resolved.acceleration_layer is not None:
-            raise UnsupportedFormatError(
-                f"{ref}: images with an acceleration (trace) layer cannot be pulled yet",
-                field="layers")
         fetched = resolved.fetched
         config_bytes = await client.get_blob(resolved.image, resolved.manifest.config)
     return _Resolved(resolved.image, resolved.via, fetched.descriptor.media_type,

@@ -25,6 +25,11 @@ overlaybd layers come in two ways (DESIGN.md section 4):
   is refused (without labels, an ordinary layer on an overlaybd image cannot be told apart
   before it is unpacked, and unpacked without its lowers it would lose its whiteouts).
 
+An *acceleration layer* (``trace push``; the acceleration-layer label, or an extract that
+unpacked to a single ``trace`` file holding a trace or priority list) is committed the same
+ways but is not part of the filesystem: the daemon prefetches what it carries when it mounts
+the image of the layers under it.
+
 overlaybd layers must form the bottom of a chain (each is a whole filesystem, not a diff);
 ordinary layers may sit on top ("mixed" images). An active snapshot or view whose chain has
 overlaybd layers stacks on their merged device, which the node daemon mounts read-only at
@@ -50,6 +55,7 @@ from pathlib import Path
 
 from ..errors import OverlaybdError
 from ..formats import lsmt, oci, zfile
+from ..formats import trace as tracefmt
 from .filters import parse_filters
 from .images import ImageMounts
 from .store import Kind, Snapshot, Store
@@ -77,6 +83,7 @@ LABEL_REMOTE = "containerd.io/snapshot/remote"
 LABEL_RECORD_TRACE = "containerd.io/snapshot/overlaybd/record-trace"
 LABEL_RECORD_TRACE_PATH = "containerd.io/snapshot/overlaybd/record-trace-path"
 COMMIT_FILE = "overlaybd.commit"
+ACCELERATION_FILE = tracefmt.ACCELERATION_MEMBER  # what an acceleration layer unpacks to
 _OVERLAY_INDEX = Path("/sys/module/overlay/parameters/index")
 
 
@@ -124,7 +131,10 @@ def _remote_layer(labels: dict[str, str]) -> dict[str, object] | None:
         raise SnapshotError("invalid_argument",
                             f"label {oci.ANNOTATION_BLOB_DIGEST} is not a digest: {digest!r}"
                             ) from None
-    return {"digest": digest, "size": int(size), "ref": image_ref}
+    layer: dict[str, object] = {"digest": digest, "size": int(size), "ref": image_ref}
+    if labels.get(oci.ANNOTATION_ACCELERATION_LAYER) == "yes":
+        layer["acceleration"] = True  # carries a trace to prefetch, not a filesystem
+    return layer
 
 
 def _is_unpack_key(key: str) -> bool:
@@ -150,6 +160,18 @@ def _usage(path: Path) -> tuple[int, int]:
             inodes += 1
             size += st.st_blocks * 512
     return size, inodes
+
+
+def _is_prefetch_input(path: Path) -> bool:
+    """Whether ``path`` (an unpacked acceleration layer's one file) is a trace or a priority
+    list; anything else in that place is refused at commit."""
+    if not stat.S_ISREG(os.lstat(path).st_mode):
+        return False
+    try:
+        tracefmt.decode_prefetch_input(path.read_bytes())
+    except OverlaybdError:
+        return False
+    return True
 
 
 def _file_digest(path: Path) -> str:
@@ -201,9 +223,14 @@ class SnapshotService:
                 f"{ordinary.name!r}: overlaybd layers must be the bottom of an image")
         return chain[first]
 
-    def _layers(self, run_top: Snapshot) -> list[dict[str, object]]:
-        """The overlaybd layers from ``run_top`` down, bottom first (the daemon's order)."""
-        return [s.layer for s in reversed(self.store.chain(run_top)) if s.layer is not None]
+    def _layers(self, run_top: Snapshot) -> tuple[list[dict[str, object]],
+                                                  dict[str, object] | None]:
+        """The overlaybd filesystem layers from ``run_top`` down, bottom first (the daemon's
+        order), and the acceleration layer above them, if the image has one."""
+        layers = [s.layer for s in reversed(self.store.chain(run_top)) if s.layer is not None]
+        accel = [layer for layer in layers if layer.get("acceleration")]
+        return [layer for layer in layers if not layer.get("acceleration")], \
+            (accel[-1] if accel else None)
 
     def _lowerdirs(self, snapshot: Snapshot) -> list[str]:
         parents = self.store.chain(self.store.by_id(snapshot.parent_id)) \
@@ -241,8 +268,17 @@ class SnapshotService:
             return
         run_top = self.store.by_id(snapshot.lower_id)
         assert run_top is not None and run_top.layer is not None  # a child keeps it alive
-        name = str(run_top.layer.get("ref") or run_top.layer.get("path"))
-        self.images.ensure(run_top.id, self._layers(run_top), name, record_trace=record_trace)
+        self._mount_image(run_top, record_trace)
+
+    def _mount_image(self, run_top: Snapshot, record_trace: str | None = None) -> None:
+        layers, accel = self._layers(run_top)
+        if not layers:
+            raise SnapshotError("failed_precondition",
+                                f"snapshot {run_top.name!r}: an acceleration layer with no "
+                                "overlaybd layers under it")
+        name = str(layers[-1].get("ref") or layers[-1].get("path"))
+        self.images.ensure(run_top.id, layers, name, record_trace=record_trace,
+                           acceleration=accel)
 
     def _release_image(self, lower_id: int | None) -> None:
         if lower_id is not None:
@@ -371,6 +407,11 @@ class SnapshotService:
             if snapshot.extract or zfile.is_zfile(head) or lsmt.is_lsmt(head):
                 digest = snapshot.labels.get(oci.ANNOTATION_BLOB_DIGEST) or _file_digest(path)
                 return {"digest": digest, "size": path.stat().st_size, "path": str(path)}
+        trace = fs / ACCELERATION_FILE
+        if snapshot.extract and entries == [ACCELERATION_FILE] and _is_prefetch_input(trace):
+            digest = snapshot.labels.get(oci.ANNOTATION_BLOB_DIGEST) or _file_digest(trace)
+            return {"digest": digest, "size": trace.stat().st_size, "path": str(trace),
+                    "acceleration": True}
         if snapshot.extract:
             raise SnapshotError(
                 "failed_precondition",
@@ -455,8 +496,7 @@ class SnapshotService:
             if run_top is None or run_top.layer is None:
                 continue
             try:
-                name = str(run_top.layer.get("ref") or run_top.layer.get("path"))
-                self.images.ensure(run_top.id, self._layers(run_top), name)
+                self._mount_image(run_top)
             except OverlaybdError as exc:  # Mounts() will try again when containerd asks
                 log.warning("could not mount the image of %s yet: %s", run_top.name, exc)
 

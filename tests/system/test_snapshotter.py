@@ -316,6 +316,80 @@ def test_pull_of_an_image_with_an_overlaybd_referrer_runs_the_overlaybd_form(sta
     assert run.stdout == READER_OUTPUT
 
 
+def _push_accelerated(stack: Stack, tmp_path: Path, repo: str) -> tuple[str, bytes]:
+    """An image of its own (two layers) with a priority list naming one file of it pushed as
+    its acceleration layer (``trace push``); returns the reference and that file's bytes."""
+    listed = random.Random(repo).randbytes(3 << 20)
+
+    def step(root: Path) -> None:
+        (root / "data").mkdir(exist_ok=True)
+        (root / "data" / "listed.bin").write_bytes(listed)
+        (root / "etc" / "acc.txt").write_text("accelerated\n")
+
+    layers, _raw = build_layers(tmp_path / "build", [_obd_step0, step])
+    ref = push_layers(stack.registry.host, repo, layers)
+    priority = tmp_path / "list.txt"
+    priority.write_text("/data/listed.bin\n")
+    stack.node.run("trace", "push", ref, str(priority), "--plain-http")
+    return ref, listed
+
+
+def _prefetched_image(stack: Stack, repo: str, timeout: float = 60) -> dict:
+    """The daemon's mount of ``repo``'s image for the snapshotter, once its prefetch ended."""
+    deadline = time.monotonic() + timeout
+    while True:
+        (mount,) = [m for m in stack.daemon_status()["mounts"]
+                    if m["owner"].startswith("snapshotter:") and repo in m["image"]]
+        prefetch = mount["prefetch"]
+        assert prefetch is not None, mount  # the acceleration layer was not used
+        if not prefetch["running"] and prefetch["planned_requests"]:
+            assert prefetch["failed"] == 0 and prefetch["requests"] > 0, prefetch
+            return mount
+        assert time.monotonic() < deadline, f"prefetch did not finish: {mount}"
+        time.sleep(0.1)
+
+
+def test_pull_of_an_image_with_an_acceleration_layer_prefetches_its_trace(stack, tmp_path):
+    """The acceleration layer is committed like the others but not stacked: the image is
+    the two filesystem layers, and the list it carries is prefetched when it is mounted."""
+    ns = "accel"
+    ref, listed = _push_accelerated(stack, tmp_path, "ctd/accel:v1")
+    result = stack.pull(ns, ref)
+    assert (result["layers"], result["remote_snapshots"]) == (3, 3)
+    run = stack.containerd.run(ns, ref, "accel-1", "read -r l < /etc/acc.txt; echo $l")
+    assert run.stdout == "accelerated\n"
+    mount = _prefetched_image(stack, "ctd/accel")
+    assert mount["layers"] == 2
+    # The listed file came with the prefetch: reading it now fetches nothing.
+    mark = stack.registry.log_mark()
+    assert (Path(mount["target"]) / "data" / "listed.bin").read_bytes() == listed
+    assert stack.registry.blob_bytes_served(since=mark) == 0
+    assert not (Path(mount["target"]) / "trace").exists()
+    _remove_all(stack, ns)
+
+
+def test_plain_ctr_pull_of_an_accelerated_image_prefetches_from_the_unpacked_trace(
+        stack, tmp_path):
+    ns = "plainaccel"
+    ref, listed = _push_accelerated(stack, tmp_path, "ctd/plainaccel:v1")
+    stack.containerd.ctr("image", "pull", "--plain-http", "--snapshotter", "overlaybd-py", ref,
+                         namespace=ns)
+    assert len(sorted(stack.snapshotter.root.glob("snapshots/*/fs/trace"))) >= 1
+    run = stack.containerd.run(ns, ref, "plainaccel-1", "read -r l < /etc/acc.txt; echo $l")
+    assert run.stdout == "accelerated\n"
+    (mount,) = [m for m in stack.daemon_status()["mounts"]
+                if m["owner"].startswith("snapshotter:") and "overlaybd.commit" in m["image"]
+                and m["prefetch"] is not None]
+    deadline = time.monotonic() + 60
+    while mount["prefetch"]["running"] or not mount["prefetch"]["planned_requests"]:
+        assert time.monotonic() < deadline, mount
+        time.sleep(0.1)
+        mount = stack.node.mount_status(Path(mount["target"]))
+    assert mount["layers"] == 2 and mount["prefetch"]["failed"] == 0
+    assert (Path(mount["target"]) / "data" / "listed.bin").read_bytes() == listed
+    _remove_all(stack, ns)
+
+
 def test_mixed_image_stacks_ordinary_layers_on_the_overlaybd_device(stack, tmp_path):
     """What containerd's unpacker does for an ordinary layer on overlaybd layers (labels, no
     overlaybd blob label), called on the snapshotter's socket directly."""
@@ -446,13 +520,18 @@ def test_killed_snapshotter_and_daemon_come_back_for_a_stopped_container(stack):
     print(f"snapshotter + daemon restart to a running container: {elapsed:.2f} s")
 
 
+def _remove_all(stack: Stack, ns: str) -> None:
+    """Remove the namespace's containers and images (containerd's GC removes snapshots)."""
+    for container in stack.containerd.ctr("container", "ls", "-q", namespace=ns).stdout.split():
+        stack.containerd.ctr("container", "rm", container, namespace=ns)
+    for image in stack.containerd.ctr("image", "ls", "-q", namespace=ns).stdout.split():
+        stack.containerd.ctr("image", "rm", "--sync", image, namespace=ns)
+
+
 def test_remove_and_cleanup_leave_nothing_behind(stack):
-    for ns in ("lazy", "referrer", "mixed", "plain", "plainobd", "restart", "trace"):
-        listed = stack.containerd.ctr("container", "ls", "-q", namespace=ns).stdout.split()
-        for container in listed:
-            stack.containerd.ctr("container", "rm", container, namespace=ns)
-        for image in stack.containerd.ctr("image", "ls", "-q", namespace=ns).stdout.split():
-            stack.containerd.ctr("image", "rm", "--sync", image, namespace=ns)
+    for ns in ("lazy", "referrer", "mixed", "plain", "plainobd", "restart", "trace", "accel",
+               "plainaccel"):
+        _remove_all(stack, ns)
     # containerd's garbage collector removed every snapshot (Remove) and called Cleanup.
     left = sorted(p.name for p in (stack.snapshotter.root / "snapshots").iterdir())
     assert left == [], left
