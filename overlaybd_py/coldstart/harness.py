@@ -43,6 +43,7 @@ from ..mount import mounts_under
 from ..registry import ClientConfig, Reference, RegistryClient
 from ..resolve import resolve_overlaybd
 from . import images
+from .cpu import CpuMeter
 from .lazymount import LazyMountProcess
 from .network import BENCH_SUBNETS, Link, NetNamespace
 from .servers import BenchRegistry, Processes, free_port, start_delay_proxy
@@ -244,9 +245,11 @@ class Bench:
                     variant.setup(self, run)
                     drop_caches()
                     mark = self.registry.log_mark()
+                    meter = CpuMeter.start(self.processes.named())
                     started = time.monotonic()
                     output = variant.timed(self, run)
                     seconds = time.monotonic() - started
+                    cpu = meter.stop()
                     fetched = self.registry.blob_bytes_served(mark)
                     extra = variant.after(self, run)
                 finally:
@@ -255,7 +258,7 @@ class Bench:
                 results[variant.name]["runs"].append({
                     "seconds": round(seconds, 4), "bytes_fetched": fetched,
                     "bytes_fetched_until_teardown": total,
-                    "output_tail": output.strip()[-200:], **extra,
+                    "output_tail": output.strip()[-200:], "cpu_s": cpu, **extra,
                 })
         return results
 
@@ -271,6 +274,11 @@ class Bench:
                 "bytes_fetched": int(statistics.median(fetched)),
                 "bytes_fetched_runs": fetched, "runs": runs,
             }
+            cpu = [r["cpu_s"] for r in runs if "cpu_s" in r]
+            if cpu:  # per part, the median over the runs that measured it
+                entry["cpu_s"] = {part: round(statistics.median(r[part] for r in cpu
+                                                                if part in r), 3)
+                                  for part in dict.fromkeys(k for r in cpu for k in r)}
             workload = [r["workload_s"] for r in runs if "workload_s" in r]
             if workload:
                 entry["workload_only_s"] = workload

@@ -31,6 +31,33 @@ def _s(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f} s"
 
 
+# The benchmark's own long-lived processes, in the order of the CPU table's columns.
+CPU_PARTS = {"docker-registry": "registry", "delay proxy": "delay proxy",
+             "overlaybd-py daemon": "node daemon", "containerd": "containerd"}
+
+
+def _cpu_table(result: dict[str, Any]) -> list[str]:
+    rows = [(name, result["variants"][name].get("cpu_s")) for name in result["variant_order"]
+            if name in result["variants"]]
+    rows = [(n, c) for n, c in rows if c]
+    if not rows:
+        return []
+    parts = [p for p in CPU_PARTS if any(p in c for _n, c in rows)]
+    cpus = result["machine"]["cpus"]
+    lines = [f"CPU-seconds during the timed run (median; the machine's {cpus} CPUs together, "
+             "then the benchmark's own servers; *rest* is the start itself: CMD, ctr, runc, "
+             "the kernel):", "",
+             "| variant | machine | " + " | ".join(CPU_PARTS[p] for p in parts) + " | rest |",
+             "|---|---:|" + "---:|" * (len(parts) + 1)]
+    for name, cpu in rows:
+        known = [cpu.get(p) for p in parts]
+        rest = cpu["machine"] - sum(x for x in known if x is not None)
+        cells = ["-" if x is None else f"{x:.2f}" for x in known]
+        lines.append(f"| {TITLES.get(name, name)} | {cpu['machine']:.2f} | "
+                     + " | ".join(cells) + f" | {max(rest, 0.0):.2f} |")
+    return [*lines, ""]
+
+
 def write_report(result: dict[str, Any], path: Path, plots: list[str]) -> None:
     link = result["link"]
     shaped = "not shaped" if link["rate_mbit"] is None else f"{link['rate_mbit']:g} Mbit/s"
@@ -84,6 +111,7 @@ def write_report(result: dict[str, Any], path: Path, plots: list[str]) -> None:
                 f"{_s(t['time_to_first_byte_s'])} | {_s(t['read_wait_s'])} | "
                 f"{_s(t['critical_path_fetch_s'])} |")
         lines.append("")
+    lines += _cpu_table(result)
     workload = result.get("workload_only") or {}
     if workload.get("overlayfs_s") and workload.get("overlaybd_s"):
         lines += [

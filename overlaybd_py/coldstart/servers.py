@@ -65,6 +65,10 @@ class Processes:
     def pids(self) -> list[int]:
         return [p.pid for _n, p in self._procs if p.poll() is None]
 
+    def named(self) -> dict[str, int]:
+        """Name -> pid of the running ones (the latest started of a name)."""
+        return {name: p.pid for name, p in self._procs if p.poll() is None}
+
 
 class BenchRegistry:
     """docker-registry with filesystem storage in ``storage``; JSON log in ``log_path``."""

@@ -99,9 +99,16 @@ def test_bench_runs_end_to_end(cache_dir, tmp_path, link):
     assert pre["requests"] - pre["prefetch_requests"] < lazy["requests"]
     assert result["workload_bytes_covered"] == lazy["bytes_covered"] > 0
     assert set(result["ratios_to_full_pull"]) == set(variants)
+    # CPU during every timed run: the machine's, and the benchmark's own servers' (each no
+    # more than the machine's).
+    for name in result["variant_order"]:
+        cpu = variants[name]["runs"][0]["cpu_s"]
+        assert cpu["machine"] > 0 and {"docker-registry", "containerd"} <= set(cpu)
+        assert all(0 <= x <= cpu["machine"] + 0.05 for x in cpu.values()), cpu
+    assert "overlaybd-py daemon" in variants["lazy"]["cpu_s"]
     assert result["workload_only"]["overlayfs_s"] and result["workload_only"]["overlaybd_s"]
     report = (output / "report.md").read_text()
-    for title in ("full pull", "lazy + trace prefetch", "warm"):
+    for title in ("full pull", "lazy + trace prefetch", "warm", "CPU-seconds"):
         assert title in report
     for plot in ("coldstart-times.png", "coldstart-bytes.png", "lazy-timeline.png",
                  "lazy_prefetch-heatmap.png"):
