@@ -104,6 +104,7 @@ class Bench:
         self.traces = opts.output / "traces"
         self.processes = Processes()
         self.processes_extra: list[LazyMountProcess] = []
+        self.interrupted: int | None = None  # the signal that asked to stop (run_bench)
         self.runner = RUNNERS[opts.runner]()
         mounter = opts.mounter
         if mounter == "auto":
@@ -144,13 +145,13 @@ class Bench:
             else:
                 # One tag per source and conversion flags: a cached conversion is reused
                 # only for the same image converted the same way.
-                digest = trio.run(self._sizes, src_ref, None)["image_digest"]
+                digest = _run_trio(self._sizes, src_ref, None)["image_digest"]
                 key = hashlib.sha256(" ".join([digest, *self.opts.convert_args]).encode())
                 obd_ref = f"{registry.host}/{REPO}:obd-{key.hexdigest()[:12]}"
-            self.info.update(trio.run(self._sizes, src_ref, obd_ref))
+            self.info.update(_run_trio(self._sizes, src_ref, obd_ref))
             if not self.info.get("overlaybd_image_bytes"):
                 self._convert(src_ref, obd_ref, cache)
-                self.info.update(trio.run(self._sizes, src_ref, obd_ref))
+                self.info.update(_run_trio(self._sizes, src_ref, obd_ref))
             self.info["convert_args"] = list(self.opts.convert_args)
             self._obd_tag = obd_ref.rsplit(":", 1)[1]
         finally:
@@ -239,6 +240,7 @@ class Bench:
         assert self.registry is not None
         for run in range(self.opts.repeat):
             for variant in variants:
+                self.check_interrupted()
                 print(f"bench: run {run + 1}/{self.opts.repeat}: {variant.name}",
                       file=sys.stderr, flush=True)
                 try:
@@ -307,12 +309,20 @@ class Bench:
             self.runner.start(self)
             variants = [VARIANTS[name]() for name in self.opts.variants]
             measured = self._measure(variants)
+            self.check_interrupted()
         result = self._result(measured, started)
         self._write_outputs(result)
         if not self.opts.keep_work:
             self._keep_logs()
             shutil.rmtree(self.work, ignore_errors=True)
         return result
+
+    def check_interrupted(self) -> None:
+        """Raise KeyboardInterrupt if a signal asked to stop. The handler raises it too, but
+        Python drops an exception raised while a ``__del__`` or a GC callback runs; the flag
+        is not lost."""
+        if self.interrupted is not None:
+            raise KeyboardInterrupt(f"signal {self.interrupted}")
 
     def _cleanup(self) -> None:
         with contextlib.suppress(Exception):
@@ -428,8 +438,21 @@ def _loops_under(path: Path) -> list[str]:
     return out
 
 
+def _run_trio(fn: Any, *args: Any) -> Any:
+    """``trio.run`` under Python's own SIGINT handler, which trio turns into a clean
+    KeyboardInterrupt (``run_bench``'s handler would raise it anywhere inside trio)."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        return trio.run(fn, *args)
+    handler = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return trio.run(fn, *args)
+    finally:
+        signal.signal(signal.SIGINT, handler)
+
+
 def run_bench(opts: BenchOptions) -> tuple[dict[str, Any], list[str]]:
-    """Run the experiment with SIGTERM treated like Ctrl-C (both clean up). Returns the
+    """Run the experiment with SIGTERM treated like Ctrl-C (both clean up; see
+    ``Bench.check_interrupted``). Returns the
     result and the leftovers check (an empty list when everything was removed)."""
     bench = Bench(opts)
     # The registry lives in the benchmark's own network: no process of the run (containerd,
@@ -439,9 +462,13 @@ def run_bench(opts: BenchOptions) -> tuple[dict[str, Any], list[str]]:
         os.environ[name] = ",".join(filter(None, (value, str(BENCH_SUBNETS))))
 
     def interrupted(signum: int, frame: object) -> None:
+        bench.interrupted = signum
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, interrupted)
+    # A SIGINT ignored from the start (``nohup``, a background job of a script) stays ignored.
+    stoppers = [sig for sig in (signal.SIGINT, signal.SIGTERM)
+                if signal.getsignal(sig) is not signal.SIG_IGN]
+    previous = {sig: signal.signal(sig, interrupted) for sig in stoppers}
     try:
         try:
             result = bench.run()
@@ -452,7 +479,8 @@ def run_bench(opts: BenchOptions) -> tuple[dict[str, Any], list[str]]:
             raise
         return result, bench.leftovers()
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         for name, value in saved.items():
             if value is None:
                 os.environ.pop(name, None)

@@ -1,5 +1,5 @@
-"""The cold-start benchmark's CPU accounting: /proc/stat and /proc/PID/stat parsed from
-texts written out by hand from proc(5)."""
+"""The cold-start benchmark's CPU accounting (/proc/stat and /proc/PID/stat parsed from
+texts written out by hand from proc(5)) and its stop flag."""
 
 from __future__ import annotations
 
@@ -44,3 +44,17 @@ def test_meter_reports_deltas_in_seconds_for_processes_alive_at_both_ends():
     files["/proc/1/stat"] = _pid_stat("reg", 10 + TICK // 2, 0, 0, 0)
     del files["/proc/2/stat"]  # gone before the end: not reported
     assert meter.stop() == {"machine": 3.0, "registry": 0.5}
+
+
+def test_a_stop_signal_is_not_lost_with_a_dropped_keyboard_interrupt():
+    """The handler sets a flag besides raising: Python drops an exception raised while a
+    ``__del__`` runs, and the benchmark must stop at its next step all the same."""
+    from types import SimpleNamespace
+
+    from overlaybd_py.coldstart.harness import Bench
+
+    bench = SimpleNamespace(interrupted=None)
+    Bench.check_interrupted(bench)  # nothing asked: goes on
+    bench.interrupted = 2
+    with pytest.raises(KeyboardInterrupt, match="signal 2"):
+        Bench.check_interrupted(bench)
