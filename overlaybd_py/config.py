@@ -44,7 +44,7 @@ _KNOWN = {
     "": {"state_dir", "cache_dir", "cache_size", "memory_cache_size", "registry", "prefetch",
          "metrics", "download", "snapshotter"},
     "registry": {"insecure", "mirrors", "proxy", "retry_deadline", "credentials",
-                 "docker_config_dir"},
+                 "docker_config_dir", "ca_file"},
     "prefetch": {"concurrency", "gap"},
     "metrics": {"address"},
     "download": {"rate"},
@@ -96,6 +96,7 @@ class NodeConfig:
     proxy: str | None = None
     use_docker_config: bool = True  # registry.credentials = "docker-config" (or "none")
     docker_config_dir: str | None = None  # default: $DOCKER_CONFIG or ~/.docker
+    ca_file: str | None = None  # CAs trusted besides the system's (PEM), for every registry
     # Parallel range reads of a prefetch (and of the background download). 8: what the
     # cold-start figures use (200 Mbit/10 ms, zstd: 2 -> 3.1 s, 4 -> 2.5 s, 8 -> 2.4 s,
     # 16 -> 2.7-3.0 s; bench/README.md).
@@ -198,6 +199,13 @@ def load_config(path: str | None) -> NodeConfig:
         settings["use_docker_config"] = source == "docker-config"
     if "docker_config_dir" in registry:
         settings["docker_config_dir"] = _expect(registry, "docker_config_dir", str, path)
+    if "ca_file" in registry:
+        ca_file = _expect(registry, "ca_file", str, path)
+        if not os.path.isabs(ca_file):
+            raise UsageError(f"{path}: registry.ca_file must be an absolute path")
+        if not os.path.isfile(ca_file):
+            raise UsageError(f"{path}: registry.ca_file {ca_file} does not exist")
+        settings["ca_file"] = ca_file
     prefetch = data.get("prefetch", {})
     if "concurrency" in prefetch:
         concurrency = _expect(prefetch, "concurrency", int, path)

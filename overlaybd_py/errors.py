@@ -10,6 +10,7 @@
     │   ├── NotFoundError            manifest, blob, tag or repository does not exist
     │   │   └── NotOverlaybdError          the image has no overlaybd form (nor referrer)
     │   ├── DigestMismatchError      the registry served bytes whose digest is not what we asked for
+    │   ├── UntrustedCertificateError  its TLS certificate does not verify (not retried)
     │   └── TransientError           worth retrying (5xx, 429, resets); carries retry_after
     ├── DeviceError                a read or write of the virtual device failed (FUSE: EIO)
     └── MountError                 loop device, FUSE or ext4 mount orchestration failed
@@ -30,6 +31,7 @@ __all__ = [
     "RegistryError",
     "TransientError",
     "UnsupportedFormatError",
+    "UntrustedCertificateError",
     "UsageError",
 ]
 
@@ -128,6 +130,10 @@ class NotOverlaybdError(NotFoundError):
 
 class DigestMismatchError(RegistryError):
     """The registry served content whose digest differs from the one requested."""
+
+
+class UntrustedCertificateError(RegistryError):
+    """The registry's TLS certificate does not verify against the trusted CAs (not retried)."""
 
 
 class TransientError(RegistryError):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -54,6 +55,9 @@ def registry_options(parser: argparse.ArgumentParser) -> None:
         help="try mirror URL before registry HOST for reads (repeatable, in order)",
     )
     group.add_argument(
+        "--ca-file", metavar="FILE", help="also trust the CA certificates in FILE (PEM) for "
+        "TLS registries (default: the system's CA store only)")
+    group.add_argument(
         "--proxy", metavar="URL", help="send all registry traffic through this HTTP proxy, or "
         "'none' for no proxy (default: HTTPS_PROXY, HTTP_PROXY and NO_PROXY from the "
         "environment, as containerd reads them; loopback registries are reached directly)"
@@ -90,7 +94,8 @@ def client_config_from_args(args: argparse.Namespace) -> ClientConfig:
     creds = Credentials(username, password) if username else None
     proxy, env_proxies = proxy_setting(args.proxy, "--proxy")
     return ClientConfig(plain_http=args.plain_http, default_credentials=creds, mirrors=mirrors,
-                        proxy=proxy, env_proxies=env_proxies)
+                        proxy=proxy, env_proxies=env_proxies,
+                        ca_file=os.path.abspath(args.ca_file) if args.ca_file else None)
 
 
 async def client_from_args(args: argparse.Namespace) -> RegistryClient:

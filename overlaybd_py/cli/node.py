@@ -60,10 +60,10 @@ def _need_root() -> None:
 
 def _mount_params(args: argparse.Namespace) -> dict[str, Any]:
     username, password, _mirrors = registry_flags(args)
-    if (args.proxy or args.mirror) and not args.fallback:
-        raise UsageError("--proxy and --mirror do not apply to a lazy mount: the node daemon "
-                         "uses its config's [registry] proxy and mirrors (on mount they only "
-                         "apply to the --fallback pull)")
+    if (args.proxy or args.mirror or args.ca_file) and not args.fallback:
+        raise UsageError("--proxy, --mirror and --ca-file do not apply to a lazy mount: the "
+                         "node daemon uses its config's [registry] proxy, mirrors and ca_file "
+                         "(on mount they only apply to the --fallback pull)")
     return {
         "ref": args.ref, "target": os.path.abspath(args.target), "rw": args.rw,
         "upper": os.path.abspath(args.upper) if args.upper else None,

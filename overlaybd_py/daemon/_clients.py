@@ -58,6 +58,7 @@ class ClientPool:
             use_docker_config=self._config.use_docker_config,
             mirrors={h: list(u) for h, u in self._config.mirrors.items()},
             proxy=proxy, env_proxies=env_proxies, docker_config_dir=self._config.docker_config_dir,
+            ca_file=self._config.ca_file,
             retry=RetryPolicy(deadline=self._config.retry_deadline),
         )
 

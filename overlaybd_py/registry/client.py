@@ -51,6 +51,7 @@ from ..formats.oci import (
     parse_manifest_or_index,
     sha256_digest,
 )
+from . import tls
 from ._http import check_content_range, raise_for_status, read_limited, skip_and_take
 from .auth import Credentials, RegistryAuth, docker_config_credentials
 from .proxy_env import EnvProxies
@@ -559,6 +560,9 @@ class RegistryClient:
             try:
                 return await trio.to_thread.run_sync(get, abandon_on_cancel=True)
             except OSError as exc:
+                problem = tls.certificate_problem(exc)
+                if problem is not None:
+                    raise tls.untrusted(endpoint.host, problem, url=url) from exc
                 raise TransientError(
                     f"GET {url} range {offset}+{length}: {type(exc).__name__}: {exc}", url=url
                 ) from exc
@@ -719,7 +723,7 @@ def _http_transport(config: ClientConfig, proxy: str | None) -> httpx.AsyncHTTPT
     # body). trio already sets TCP_NODELAY; saying it here keeps it true on any backend and
     # lets the benchmark turn it off to measure it.
     options = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1 if config.tcp_nodelay else 0)]
-    verify = _ssl_context(config) or True
+    verify = _ssl_context(config)
     limits = httpx.Limits(
         max_connections=None, max_keepalive_connections=config.max_parallel * 4, keepalive_expiry=30
     )
@@ -728,8 +732,8 @@ def _http_transport(config: ClientConfig, proxy: str | None) -> httpx.AsyncHTTPT
     )
 
 
-def _ssl_context(config: ClientConfig) -> ssl.SSLContext | None:
-    return ssl.create_default_context(cafile=config.ca_file) if config.ca_file else None
+def _ssl_context(config: ClientConfig) -> ssl.SSLContext:
+    return tls.ssl_context(config.ca_file)
 
 
 def _drainable(response: httpx.Response) -> bool:
@@ -740,7 +744,10 @@ def _drainable(response: httpx.Response) -> bool:
     return length.isdigit() and int(length) <= _DRAIN_LIMIT
 
 
-def _transient(method: str, url: httpx.URL, exc: httpx.HTTPError) -> TransientError:
+def _transient(method: str, url: httpx.URL, exc: httpx.HTTPError) -> RegistryError:
+    problem = tls.certificate_problem(exc)
+    if problem is not None:  # retrying cannot help
+        return tls.untrusted(url.netloc.decode("ascii"), problem, url=str(url))
     return TransientError(
         f"{method} {url.copy_with(query=None)}: {type(exc).__name__}: {exc}", url=str(url)
     )

@@ -4,6 +4,7 @@ from tests.fixtures.registry import (  # noqa: F401  (pytest finds fixtures by n
     registry,
     registry_basic,
     registry_mirror,
+    registry_tls,
     registry_token,
     token_server,
 )

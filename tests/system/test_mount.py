@@ -245,6 +245,9 @@ def test_mount_errors_are_clear(node, rich_image, registry, tmp_path):  # noqa: 
     (tmp_path / "t2").mkdir()
     proc = node.run("mount", ref, tmp_path / "t2", "--plain-http", "--mirror",
                     "docker.io=http://m:5000", *node.node_flags(), check=False)
-    assert proc.returncode == 2 and "[registry] proxy and mirrors" in proc.stderr
+    assert proc.returncode == 2 and "[registry] proxy, mirrors and ca_file" in proc.stderr
+    proc = node.run("mount", ref, tmp_path / "t2", "--plain-http", "--ca-file", "/etc/hosts",
+                    *node.node_flags(), check=False)
+    assert proc.returncode == 2 and "--ca-file" in proc.stderr
     proc = node.run("umount", tmp_path / "never-mounted", check=False)
     assert proc.returncode == 2 and "not mounted by overlaybd-py" in proc.stderr

@@ -109,6 +109,8 @@ def test_overrides_keep_unset_values(tmp_path):
     ("[registry]\nretry_deadline = 0\n", "must be positive"),
     ("[registry]\nproxy = 'socks5://p:1080'\n", "should be an http(s) URL or 'none'"),
     ("[snapshotter]\nroot = 'relative/dir'\n", "must be an absolute path"),
+    ("[registry]\nca_file = 'ca.pem'\n", "registry.ca_file must be an absolute path"),
+    ("[registry]\nca_file = '/nonexistent/ca.pem'\n", "/nonexistent/ca.pem does not exist"),
     ("state_dir = \n", "cannot read config file"),
 ])
 def test_errors_name_the_file_and_the_key(tmp_path, text, message):
@@ -147,3 +149,9 @@ def test_parse_address(text, value):
 def test_parse_address_refuses(text):
     with pytest.raises(UsageError):
         parse_address(text)
+
+
+def test_ca_file_is_kept_for_the_clients(tmp_path):
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    assert _load(tmp_path, f"[registry]\nca_file = '{ca}'\n").ca_file == str(ca)

@@ -20,7 +20,7 @@ PUBLIC = {
     "overlaybd_py.errors": {
         "AuthError", "CorruptLayerError", "DeviceError", "DigestMismatchError", "FormatError",
         "MountError", "NotFoundError", "NotOverlaybdError", "OverlaybdError", "RegistryError",
-        "TransientError", "UnsupportedFormatError", "UsageError",
+        "TransientError", "UnsupportedFormatError", "UntrustedCertificateError", "UsageError",
     },
 }
 

@@ -70,6 +70,13 @@ def test_proxy_flag():
         client_config_from_args(_parse("--proxy", "socks5://p:1080"))
 
 
+def test_ca_file_flag(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert client_config_from_args(_parse()).ca_file is None
+    config = client_config_from_args(_parse("--ca-file", "ca.pem"))
+    assert config.ca_file == str(tmp_path / "ca.pem")  # absolute: the daemon may run elsewhere
+
+
 @pytest.mark.parametrize(
     "argv",
     [

@@ -1,0 +1,62 @@
+"""What registry connections trust: the system's CA store (OpenSSL's default paths, which
+``SSL_CERT_FILE`` and ``SSL_CERT_DIR`` override), as containerd, docker and skopeo do on
+Linux, plus an optional CA file for a registry whose certificate a private CA signed.
+httpx alone would use certifi's bundle and miss a CA installed on the node.
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+
+from ..errors import UntrustedCertificateError, UsageError
+
+__all__ = ["certificate_problem", "ssl_context", "untrusted"]
+
+HINT = ("trust its CA with --ca-file FILE or [registry] ca_file, or in the system's store "
+        "(update-ca-certificates)")
+
+
+def _system_store() -> bool:
+    paths = ssl.get_default_verify_paths()
+    if paths.cafile:  # resolved: set only when the file exists
+        return True
+    return bool(paths.capath and os.path.isdir(paths.capath) and os.listdir(paths.capath))
+
+
+def ssl_context(ca_file: str | None = None) -> ssl.SSLContext:
+    """A client context that verifies certificates and host names against the system's CAs
+    (certifi's bundle on a machine without any) and ``ca_file``'s. Raises UsageError when
+    ``ca_file`` cannot be read or holds no certificate."""
+    context = ssl.create_default_context()
+    if not _system_store():
+        import certifi
+
+        context.load_verify_locations(cafile=certifi.where())
+    if ca_file:
+        try:
+            context.load_verify_locations(cafile=ca_file)
+        except FileNotFoundError:
+            raise UsageError(f"CA file {ca_file} does not exist") from None
+        except (OSError, ssl.SSLError) as exc:
+            raise UsageError(f"CA file {ca_file}: not PEM certificates ({exc})") from None
+    return context
+
+
+def certificate_problem(exc: BaseException) -> ssl.SSLCertVerificationError | None:
+    """The certificate verification failure behind ``exc`` (its causes and contexts)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, ssl.SSLCertVerificationError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def untrusted(host: str, problem: ssl.SSLCertVerificationError,
+              url: str | None = None) -> UntrustedCertificateError:
+    reason = problem.verify_message or problem.reason or str(problem)
+    return UntrustedCertificateError(
+        f"{host}: the registry's TLS certificate is not trusted ({reason}); {HINT}", url=url)
