@@ -205,6 +205,13 @@ def load_config(path: str | None) -> NodeConfig:
             raise UsageError(f"{path}: registry.ca_file must be an absolute path")
         if not os.path.isfile(ca_file):
             raise UsageError(f"{path}: registry.ca_file {ca_file} does not exist")
+        import ssl  # here: only a config that names a CA file pays for it
+
+        try:
+            ssl.create_default_context(cafile=ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise UsageError(f"{path}: registry.ca_file {ca_file}: not PEM certificates "
+                             f"({exc})") from None
         settings["ca_file"] = ca_file
     prefetch = data.get("prefetch", {})
     if "concurrency" in prefetch:

@@ -19,18 +19,20 @@ _TICK = os.sysconf("SC_CLK_TCK")
 
 
 def busy_ticks(proc_stat: str) -> int:
-    """Non-idle clock ticks of all CPUs together, from ``/proc/stat``'s ``cpu`` line (idle
-    and iowait are idle; guest time is already counted in user time)."""
+    """Clock ticks all CPUs together spent working for this machine, from ``/proc/stat``'s
+    ``cpu`` line: user, nice, system, irq, softirq (guest time is inside user time; idle,
+    iowait and steal, the hypervisor's, are not counted)."""
     for line in proc_stat.splitlines():
         fields = line.split()
         if fields and fields[0] == "cpu":
-            values = [int(v) for v in fields[1:9]]  # user nice system idle iowait irq softirq steal
+            values = [int(v) for v in fields[1:8]]  # user nice system idle iowait irq softirq
             return sum(values) - values[3] - values[4]
     raise ValueError("/proc/stat has no 'cpu' line")
 
 
 def process_ticks(pid_stat: str) -> int:
-    """utime + stime + cutime + cstime (children it has waited for) of ``/proc/PID/stat``.
+    """utime + stime + cutime + cstime of ``/proc/PID/stat`` (a child reaped in between adds
+    its whole life; the servers measured here reap none that matter).
     The command name may hold spaces and parentheses: fields are counted after its last
     ')'."""
     fields = pid_stat.rsplit(")", 1)[1].split()

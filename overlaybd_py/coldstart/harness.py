@@ -440,14 +440,19 @@ def _loops_under(path: Path) -> list[str]:
 
 def _run_trio(fn: Any, *args: Any) -> Any:
     """``trio.run`` under Python's own SIGINT handler, which trio turns into a clean
-    KeyboardInterrupt (``run_bench``'s handler would raise it anywhere inside trio)."""
+    KeyboardInterrupt (``run_bench``'s handler would raise it anywhere inside trio); a
+    SIGTERM meanwhile is sent on as a SIGINT."""
     if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         return trio.run(fn, *args)
-    handler = signal.signal(signal.SIGINT, signal.default_int_handler)
+    saved = {signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler)}
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN:  # a SIGTERM becomes a SIGINT
+        saved[signal.SIGTERM] = signal.signal(
+            signal.SIGTERM, lambda signum, frame: os.kill(os.getpid(), signal.SIGINT))
     try:
         return trio.run(fn, *args)
     finally:
-        signal.signal(signal.SIGINT, handler)
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
 
 
 def run_bench(opts: BenchOptions) -> tuple[dict[str, Any], list[str]]:
@@ -462,6 +467,8 @@ def run_bench(opts: BenchOptions) -> tuple[dict[str, Any], list[str]]:
         os.environ[name] = ",".join(filter(None, (value, str(BENCH_SUBNETS))))
 
     def interrupted(signum: int, frame: object) -> None:
+        if bench.interrupted is not None:
+            return  # a second signal must not break the clean-up the first one started
         bench.interrupted = signum
         raise KeyboardInterrupt
 

@@ -46,7 +46,8 @@ def _cpu_table(result: dict[str, Any]) -> list[str]:
     cpus = result["machine"]["cpus"]
     lines = [f"CPU-seconds during the timed run (median; the machine's {cpus} CPUs together, "
              "then the benchmark's own servers; *rest* is the start itself: CMD, ctr, runc, "
-             "the kernel):", "",
+             "the kernel, and the serving process when overlaybd mounts do not go through "
+             "the node daemon):", "",
              "| variant | machine | " + " | ".join(CPU_PARTS[p] for p in parts) + " | rest |",
              "|---|---:|" + "---:|" * (len(parts) + 1)]
     for name, cpu in rows:

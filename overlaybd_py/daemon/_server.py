@@ -54,7 +54,14 @@ from ..engine.source import BlobSource, FileSource
 from ..engine.trace_recorder import TraceRecorder, attach_recorder
 from ..engine.writable import WritableLayer
 from ..engine.zfile_source import DecodedChunkCache
-from ..errors import AuthError, DigestMismatchError, FormatError, OverlaybdError, UsageError
+from ..errors import (
+    AuthError,
+    DigestMismatchError,
+    FormatError,
+    OverlaybdError,
+    RegistryError,
+    UsageError,
+)
 from ..formats import oci
 from ..formats import trace as tracefmt
 from ..formats.oci import Platform
@@ -372,7 +379,9 @@ class NodeServer:
                 blob = await self._retry_auth(key, ref.api_host,
                                               lambda c: c.get_blob(ref, layer))
             return tracefmt.decode_prefetch_input(tracefmt.trace_from_acceleration_layer(blob))
-        except (FormatError, DigestMismatchError, OSError) as exc:
+        except AuthError:
+            raise  # the layers would fail the same way
+        except (FormatError, RegistryError, OSError) as exc:
             log.warning("%s: ignoring its acceleration layer %s: %s", name, accel.digest, exc)
             return None
 

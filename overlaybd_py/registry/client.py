@@ -35,6 +35,7 @@ from ..errors import (
     NotFoundError,
     RegistryError,
     TransientError,
+    UntrustedCertificateError,
     UsageError,
 )
 from ..formats.oci import (
@@ -329,7 +330,7 @@ class RegistryClient:
                 return await op(endpoint)
             except (RegistryError, FormatError) as exc:
                 self._mirror_fallbacks += 1
-                if isinstance(exc, TransientError):
+                if isinstance(exc, TransientError | UntrustedCertificateError):
                     self._cooling[endpoint.base] = (
                         trio.current_time() + self._config.mirror_cooldown
                     )

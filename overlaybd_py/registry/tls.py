@@ -13,8 +13,11 @@ from ..errors import UntrustedCertificateError, UsageError
 
 __all__ = ["certificate_problem", "ssl_context", "untrusted"]
 
-HINT = ("trust its CA with --ca-file FILE or [registry] ca_file, or in the system's store "
-        "(update-ca-certificates)")
+HINT = ("if a private CA signed it, trust that CA: [registry] ca_file for the node daemon, "
+        "--ca-file FILE for a command, or the system's store (update-ca-certificates)")
+# OpenSSL's verify codes that mean "no trusted CA signed this" (the others, such as an
+# expired certificate or one for another host name, are the registry's to fix).
+_UNKNOWN_ISSUER = {2, 18, 19, 20, 21}
 
 
 def _system_store() -> bool:
@@ -46,17 +49,22 @@ def ssl_context(ca_file: str | None = None) -> ssl.SSLContext:
 def certificate_problem(exc: BaseException) -> ssl.SSLCertVerificationError | None:
     """The certificate verification failure behind ``exc`` (its causes and contexts)."""
     seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
+    pending: list[BaseException] = [exc]
+    while pending:
+        current = pending.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
         if isinstance(current, ssl.SSLCertVerificationError):
             return current
-        seen.add(id(current))
-        current = current.__cause__ or current.__context__
+        pending += [e for e in (current.__cause__, current.__context__) if e is not None]
     return None
 
 
 def untrusted(host: str, problem: ssl.SSLCertVerificationError,
               url: str | None = None) -> UntrustedCertificateError:
     reason = problem.verify_message or problem.reason or str(problem)
+    what = HINT if problem.verify_code in _UNKNOWN_ISSUER else \
+        "its certificate must be renewed or made out for this host name on the registry"
     return UntrustedCertificateError(
-        f"{host}: the registry's TLS certificate is not trusted ({reason}); {HINT}", url=url)
+        f"{host}: the registry's TLS certificate is not trusted ({reason}); {what}", url=url)

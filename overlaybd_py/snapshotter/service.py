@@ -228,9 +228,13 @@ class SnapshotService:
         """The overlaybd filesystem layers from ``run_top`` down, bottom first (the daemon's
         order), and the acceleration layer above them, if the image has one."""
         layers = [s.layer for s in reversed(self.store.chain(run_top)) if s.layer is not None]
-        accel = [layer for layer in layers if layer.get("acceleration")]
-        return [layer for layer in layers if not layer.get("acceleration")], \
-            (accel[-1] if accel else None)
+        if any(layer.get("acceleration") for layer in layers[:-1]):
+            raise SnapshotError("failed_precondition",
+                                f"snapshot {run_top.name!r}: an acceleration layer is not the "
+                                "top of its image's overlaybd layers")
+        if layers and layers[-1].get("acceleration"):
+            return layers[:-1], layers[-1]
+        return layers, None
 
     def _lowerdirs(self, snapshot: Snapshot) -> list[str]:
         parents = self.store.chain(self.store.by_id(snapshot.parent_id)) \
@@ -277,6 +281,11 @@ class SnapshotService:
                                 f"snapshot {run_top.name!r}: an acceleration layer with no "
                                 "overlaybd layers under it")
         name = str(layers[-1].get("ref") or layers[-1].get("path"))
+        if accel is not None and accel.get("path") and not _is_prefetch_input(
+                Path(str(accel["path"]))):
+            log.warning("%s: its acceleration layer holds no usable trace; mounting without "
+                        "prefetch", name)
+            accel = None
         self.images.ensure(run_top.id, layers, name, record_trace=record_trace,
                            acceleration=accel)
 
@@ -346,6 +355,10 @@ class SnapshotService:
         if chain and any(s.layer is None for s in chain):
             raise SnapshotError("failed_precondition",
                                 f"remote overlaybd layer {target!r} on top of ordinary layers")
+        if chain and any(s.layer.get("acceleration") for s in chain if s.layer is not None):
+            raise SnapshotError("failed_precondition",
+                                f"remote layer {target!r} on top of an acceleration layer (it "
+                                "must be the image's top layer)")
         with self.store.transaction():
             snapshot_id = self.store.insert(
                 name=target, kind=Kind.COMMITTED, parent_id=base.id if base else None,
@@ -408,7 +421,9 @@ class SnapshotService:
                 digest = snapshot.labels.get(oci.ANNOTATION_BLOB_DIGEST) or _file_digest(path)
                 return {"digest": digest, "size": path.stat().st_size, "path": str(path)}
         trace = fs / ACCELERATION_FILE
-        if snapshot.extract and entries == [ACCELERATION_FILE] and _is_prefetch_input(trace):
+        labelled = snapshot.labels.get(oci.ANNOTATION_ACCELERATION_LAYER) == "yes"
+        if snapshot.extract and entries == [ACCELERATION_FILE] and stat.S_ISREG(
+                os.lstat(trace).st_mode) and (labelled or _is_prefetch_input(trace)):
             digest = snapshot.labels.get(oci.ANNOTATION_BLOB_DIGEST) or _file_digest(trace)
             return {"digest": digest, "size": trace.stat().st_size, "path": str(trace),
                     "acceleration": True}

@@ -316,6 +316,10 @@ def test_pull_of_an_image_with_an_overlaybd_referrer_runs_the_overlaybd_form(sta
     assert run.stdout == READER_OUTPUT
 
 
+# Reads the image's file and checks the acceleration layer's `trace` is not in the rootfs.
+ACCEL_SCRIPT = "read -r l < /etc/acc.txt; echo $l; test ! -e /trace && echo no-trace"
+
+
 def _push_accelerated(stack: Stack, tmp_path: Path, repo: str) -> tuple[str, bytes]:
     """An image of its own (two layers) with a priority list naming one file of it pushed as
     its acceleration layer (``trace push``); returns the reference and that file's bytes."""
@@ -356,8 +360,8 @@ def test_pull_of_an_image_with_an_acceleration_layer_prefetches_its_trace(stack,
     ref, listed = _push_accelerated(stack, tmp_path, "ctd/accel:v1")
     result = stack.pull(ns, ref)
     assert (result["layers"], result["remote_snapshots"]) == (3, 3)
-    run = stack.containerd.run(ns, ref, "accel-1", "read -r l < /etc/acc.txt; echo $l")
-    assert run.stdout == "accelerated\n"
+    run = stack.containerd.run(ns, ref, "accel-1", ACCEL_SCRIPT)
+    assert run.stdout == "accelerated\nno-trace\n"  # not in the container's rootfs
     mount = _prefetched_image(stack, "ctd/accel")
     assert mount["layers"] == 2
     # The listed file came with the prefetch: reading it now fetches nothing.
@@ -375,8 +379,8 @@ def test_plain_ctr_pull_of_an_accelerated_image_prefetches_from_the_unpacked_tra
     stack.containerd.ctr("image", "pull", "--plain-http", "--snapshotter", "overlaybd-py", ref,
                          namespace=ns)
     assert len(sorted(stack.snapshotter.root.glob("snapshots/*/fs/trace"))) >= 1
-    run = stack.containerd.run(ns, ref, "plainaccel-1", "read -r l < /etc/acc.txt; echo $l")
-    assert run.stdout == "accelerated\n"
+    run = stack.containerd.run(ns, ref, "plainaccel-1", ACCEL_SCRIPT)
+    assert run.stdout == "accelerated\nno-trace\n"  # not in the container's rootfs
     (mount,) = [m for m in stack.daemon_status()["mounts"]
                 if m["owner"].startswith("snapshotter:") and "overlaybd.commit" in m["image"]
                 and m["prefetch"] is not None]

@@ -194,3 +194,25 @@ def test_a_database_of_another_schema_version_is_refused(tmp_path):
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "schema version 99" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_nothing_is_stacked_on_an_acceleration_layer(snapshotter):
+    """An acceleration layer must be an image's top layer (as `resolve` requires): a remote
+    layer prepared on it is refused, while a container's snapshot on it is fine."""
+    _process, api = snapshotter
+    chain = ["sha256:" + c * 64 for c in "456"]
+    remote = {LABEL_IMAGE_REF: "127.0.0.1:5000/r/img:v1",
+              "containerd.io/snapshot/overlaybd/blob-digest": DIGEST,
+              "containerd.io/snapshot/overlaybd/blob-size": "4096"}
+    accel = {**remote, "containerd.io/snapshot/overlaybd/acceleration-layer": "yes"}
+    for i, labels in enumerate([remote, accel]):
+        assert api.code("Prepare", key=f"ns/{i}/extract-1 {chain[i]}",
+                        parent=chain[i - 1] if i else "",
+                        labels={LABEL_SNAPSHOT_REF: chain[i], **labels}
+                        ) == grpc.StatusCode.ALREADY_EXISTS
+    assert api.code("Prepare", key=f"ns/2/extract-1 {chain[2]}", parent=chain[1],
+                    labels={LABEL_SNAPSHOT_REF: chain[2], **remote}
+                    ) == grpc.StatusCode.FAILED_PRECONDITION
+    assert api.list() == sorted(chain[:2])
+    api.Remove(key=chain[1])
+    api.Remove(key=chain[0])

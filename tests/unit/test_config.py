@@ -151,7 +151,14 @@ def test_parse_address_refuses(text):
         parse_address(text)
 
 
-def test_ca_file_is_kept_for_the_clients(tmp_path):
-    ca = tmp_path / "ca.pem"
-    ca.write_text("-----BEGIN CERTIFICATE-----\n")
-    assert _load(tmp_path, f"[registry]\nca_file = '{ca}'\n").ca_file == str(ca)
+def test_ca_file_is_kept_for_the_clients_and_checked(tmp_path):
+    import ssl
+
+    system = ssl.get_default_verify_paths().cafile  # PEM certificates on any Debian
+    if system is None:
+        pytest.skip("no system CA file to use as a valid one")
+    assert _load(tmp_path, f"[registry]\nca_file = '{system}'\n").ca_file == system
+    junk = tmp_path / "junk.pem"
+    junk.write_text("-----BEGIN CERTIFICATE-----\n")
+    with pytest.raises(UsageError, match="not PEM certificates"):
+        _load(tmp_path, f"[registry]\nca_file = '{junk}'\n")
