@@ -251,8 +251,10 @@ class Bench:
                     started = time.monotonic()
                     output = variant.timed(self, run)
                     seconds = time.monotonic() - started
+                    ended = time.time()
                     cpu = meter.stop()
-                    fetched = self.registry.blob_bytes_served(mark)
+                    self.registry.settle()  # the last requests' log lines
+                    fetched = self.registry.blob_bytes_served(mark, until=ended)
                     extra = variant.after(self, run)
                 finally:
                     variant.teardown(self, run)

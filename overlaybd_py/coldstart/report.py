@@ -130,8 +130,9 @@ def write_report(result: dict[str, Any], path: Path, plots: list[str]) -> None:
         "node daemon (or the serving process) and containerd are already running, as on a "
         "node.",
         "- bytes fetched = blob bytes the registry's own log says it sent during the timed "
-        "part (the median run); a prefetch still running at CMD's exit is counted up to "
-        "there (`bytes_fetched_until_teardown` in result.json has the rest).",
+        "part (the median run): the requests it answered, by its log's clock, before CMD "
+        "exited; a prefetch still running then is counted up to there "
+        "(`bytes_fetched_until_teardown` in result.json has the rest).",
         f"- measured {result['started']} on Linux {result['machine']['kernel']}, "
         f"{result['machine']['cpus']} CPUs; the benchmark's processes share them.",
     ]

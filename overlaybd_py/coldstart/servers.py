@@ -6,9 +6,12 @@ only the benchmark, which then stops them in order) and stopped by its pid.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import logging
+import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -111,8 +114,20 @@ class BenchRegistry:
     def log_mark(self) -> int:
         return self.log_path.stat().st_size if self.log_path.exists() else 0
 
-    def blob_bytes_served(self, since: int = 0) -> int:
-        """Blob bytes the registry sent (GET, 200/206) after ``since``: its own account."""
+    def settle(self, quiet: float = 0.1, timeout: float = 1.0) -> None:
+        """Wait until the log has not grown for ``quiet`` seconds (at most ``timeout``): the
+        registry logs a request after the client has its response."""
+        deadline = time.monotonic() + timeout
+        last, since = self.log_mark(), time.monotonic()
+        while time.monotonic() < deadline and time.monotonic() - since < quiet:
+            time.sleep(quiet / 4)
+            now = self.log_mark()
+            if now != last:
+                last, since = now, time.monotonic()
+
+    def blob_bytes_served(self, since: int = 0, until: float | None = None) -> int:
+        """Blob bytes the registry sent (GET, 200/206) after log position ``since``, and
+        answered by wall-clock time ``until`` if given: its own account."""
         total = 0
         with self.log_path.open("rb") as f:
             f.seek(since)
@@ -127,9 +142,21 @@ class BenchRegistry:
                 if r.get("msg") != "response completed" or "/blobs/" not in uri \
                         or "/uploads/" in uri or r.get("http.request.method") != "GET":
                     continue
+                if until is not None and log_time(str(r.get("time", ""))) > until:
+                    continue
                 if r.get("http.response.status") in (200, 206):
                     total += int(r.get("http.response.written", 0))
         return total
+
+
+def log_time(text: str) -> float:
+    """Seconds since the epoch of a docker-registry log ``time`` (RFC 3339, nanoseconds);
+    +inf when it cannot be read (such a record is never taken as before a time)."""
+    text = re.sub(r"(\.\d{6})\d+", r"\1", text.strip()).replace("Z", "+00:00")
+    try:
+        return datetime.datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        return math.inf
 
 
 def shutil_which(program: str) -> str:

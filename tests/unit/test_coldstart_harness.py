@@ -58,3 +58,33 @@ def test_a_stop_signal_is_not_lost_with_a_dropped_keyboard_interrupt():
     bench.interrupted = 2
     with pytest.raises(KeyboardInterrupt, match="signal 2"):
         Bench.check_interrupted(bench)
+
+
+def test_registry_bytes_count_only_what_was_answered_by_the_end(tmp_path):
+    """The registry logs a request after answering it; the benchmark counts blob GETs
+    answered (by the log's own clock) before the timed part ended, after its mark."""
+    import json
+
+    from overlaybd_py.coldstart.servers import BenchRegistry, Processes, log_time
+
+    def line(time: str, method: str = "GET", uri: str = "/v2/r/blobs/sha256:aa",
+             status: int = 206, written: int = 100) -> str:
+        return json.dumps({"msg": "response completed", "time": time,
+                           "http.request.method": method, "http.request.uri": uri,
+                           "http.response.status": status, "http.response.written": written})
+
+    log = tmp_path / "registry.log"
+    log.write_text(line("2026-11-28T06:00:00.5Z", written=7) + "\n")
+    registry = BenchRegistry(tmp_path, log, Processes())
+    mark = registry.log_mark()
+    with log.open("a") as f:
+        for entry in (line("2026-11-28T06:00:01.000000001Z", written=1000),
+                      line("2026-11-28T06:00:01.5Z", uri="/v2/r/blobs/uploads/x", written=5),
+                      line("2026-11-28T06:00:01.6Z", status=404, written=50),
+                      line("2026-11-28T07:00:02.0+01:00", written=20000),  # 06:00:02 UTC
+                      "not json"):
+            f.write(entry + "\n")
+    ended = log_time("2026-11-28T06:00:01.9Z")
+    assert registry.blob_bytes_served(mark) == 21000
+    assert registry.blob_bytes_served(mark, until=ended) == 1000
+    assert registry.blob_bytes_served(0, until=ended) == 1007
