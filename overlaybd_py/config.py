@@ -207,8 +207,8 @@ def load_config(path: str | None) -> NodeConfig:
             raise UsageError(f"{path}: registry.ca_file {ca_file} does not exist")
         import ssl  # here: only a config that names a CA file pays for it
 
-        try:
-            ssl.create_default_context(cafile=ca_file)
+        try:  # the file alone (the system's store is the clients' to load)
+            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=ca_file)
         except (OSError, ssl.SSLError) as exc:
             raise UsageError(f"{path}: registry.ca_file {ca_file}: not PEM certificates "
                              f"({exc})") from None

@@ -169,7 +169,8 @@ class RegistryClient:
     """Talks OCI distribution to any number of registries. Build with :meth:`open`."""
 
     def __init__(self, config: ClientConfig, http: httpx.AsyncClient, auth: RegistryAuth,
-                 env_proxies: EnvProxies | None = None):
+                 env_proxies: EnvProxies | None = None,
+                 ssl_context: ssl.SSLContext | None = None):
         self._config = config
         self._http = http
         self._auth = auth
@@ -181,7 +182,7 @@ class RegistryClient:
                 connect_timeout=config.connect_timeout,
                 read_timeout=config.read_timeout,
                 user_agent=config.user_agent,
-                ssl_context=_ssl_context(config),
+                ssl_context=ssl_context or tls.ssl_context(config.ca_file),
                 tcp_nodelay=config.tcp_nodelay,
             )
         self._slots: dict[str, trio.Semaphore] = {}
@@ -201,7 +202,10 @@ class RegistryClient:
         if config.proxy is None and config.transport is None:
             env_proxies = config.env_proxies if config.env_proxies is not None \
                 else EnvProxies.from_environ(os.environ)
-        transport = config.transport or _make_transport(config, env_proxies)
+        # One context for every transport and the socket path: building one reads the whole
+        # CA store (~25 ms here).
+        context = tls.ssl_context(config.ca_file) if config.transport is None else None
+        transport = config.transport or _make_transport(config, env_proxies, context)
         http = httpx.AsyncClient(
             transport=transport,
             auth=auth,
@@ -211,7 +215,7 @@ class RegistryClient:
             headers={"User-Agent": config.user_agent},
             trust_env=False,
         )
-        return cls(config, http, auth, env_proxies)
+        return cls(config, http, auth, env_proxies, context)
 
     async def aclose(self) -> None:
         if self._sockets is not None:
@@ -683,11 +687,12 @@ def _tune_httpcore() -> None:
         AsyncHTTP11Connection.READ_NUM_BYTES = _READ_BYTES
 
 
-def _make_transport(config: ClientConfig, env_proxies: EnvProxies) -> httpx.AsyncBaseTransport:
-    direct = _http_transport(config, config.proxy)
+def _make_transport(config: ClientConfig, env_proxies: EnvProxies,
+                    context: ssl.SSLContext) -> httpx.AsyncBaseTransport:
+    direct = _http_transport(config, config.proxy, context)
     if not env_proxies:
         return direct
-    return _ProxyRouter(direct, lambda proxy: _http_transport(config, proxy),
+    return _ProxyRouter(direct, lambda proxy: _http_transport(config, proxy, context),
                         env_proxies.proxy_for)
 
 
@@ -717,24 +722,20 @@ class _ProxyRouter(httpx.AsyncBaseTransport):
                 stack.push_async_callback(transport.aclose)
 
 
-def _http_transport(config: ClientConfig, proxy: str | None) -> httpx.AsyncHTTPTransport:
+def _http_transport(config: ClientConfig, proxy: str | None,
+                    context: ssl.SSLContext) -> httpx.AsyncHTTPTransport:
     _tune_httpcore()
     # Nagle's algorithm holds back a small write while an earlier one is unacknowledged; with
     # the peer's delayed ACK that is ~40 ms on a request written in two pieces (headers, then
     # body). trio already sets TCP_NODELAY; saying it here keeps it true on any backend and
     # lets the benchmark turn it off to measure it.
     options = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1 if config.tcp_nodelay else 0)]
-    verify = _ssl_context(config)
     limits = httpx.Limits(
         max_connections=None, max_keepalive_connections=config.max_parallel * 4, keepalive_expiry=30
     )
     return httpx.AsyncHTTPTransport(
-        verify=verify, limits=limits, proxy=proxy, socket_options=options, retries=0
+        verify=context, limits=limits, proxy=proxy, socket_options=options, retries=0
     )
-
-
-def _ssl_context(config: ClientConfig) -> ssl.SSLContext:
-    return tls.ssl_context(config.ca_file)
 
 
 def _drainable(response: httpx.Response) -> bool:

@@ -435,8 +435,10 @@ def test_upload_from_file(tmp_path):
 
 def test_transport_sets_tcp_nodelay():
     import socket
+    import ssl
 
     for flag in (True, False):
-        transport = _make_transport(ClientConfig(tcp_nodelay=flag), EnvProxies())
+        transport = _make_transport(ClientConfig(tcp_nodelay=flag), EnvProxies(),
+                                    ssl.create_default_context())
         options = transport._pool._socket_options
         assert (socket.IPPROTO_TCP, socket.TCP_NODELAY, int(flag)) in options
