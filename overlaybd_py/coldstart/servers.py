@@ -117,13 +117,7 @@ class BenchRegistry:
     def settle(self, quiet: float = 0.1, timeout: float = 1.0) -> None:
         """Wait until the log has not grown for ``quiet`` seconds (at most ``timeout``): the
         registry logs a request after the client has its response."""
-        deadline = time.monotonic() + timeout
-        last, since = self.log_mark(), time.monotonic()
-        while time.monotonic() < deadline and time.monotonic() - since < quiet:
-            time.sleep(quiet / 4)
-            now = self.log_mark()
-            if now != last:
-                last, since = now, time.monotonic()
+        settled_size(self.log_path, quiet, timeout)
 
     def blob_bytes_served(self, since: int = 0, until: float | None = None) -> int:
         """Blob bytes the registry sent (GET, 200/206) after log position ``since``, and
@@ -147,6 +141,22 @@ class BenchRegistry:
                 if r.get("http.response.status") in (200, 206):
                     total += int(r.get("http.response.written", 0))
         return total
+
+
+def settled_size(path: Path, quiet: float, timeout: float) -> int:
+    """The size of ``path`` (0 while absent) once it has not grown for ``quiet`` seconds, or
+    when ``timeout`` seconds have passed."""
+    def size() -> int:
+        return path.stat().st_size if path.exists() else 0
+
+    deadline = time.monotonic() + timeout
+    last, since = size(), time.monotonic()
+    while time.monotonic() < deadline and time.monotonic() - since < quiet:
+        time.sleep(quiet / 4)
+        now = size()
+        if now != last:
+            last, since = now, time.monotonic()
+    return last
 
 
 def log_time(text: str) -> float:
