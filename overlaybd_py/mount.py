@@ -12,10 +12,11 @@ import logging
 import os
 import subprocess
 
-from .errors import MountError
+from .errors import MountError, UsageError
 
 __all__ = [
     "attach_loop",
+    "choose_read_ahead_kb",
     "detach_loop",
     "is_mountpoint",
     "loops_backed_by",
@@ -40,7 +41,26 @@ async def _run(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
     return proc
 
 
-async def attach_loop(path: str, *, readonly: bool) -> str:
+# Kernel read-ahead on the loop device, for a lazy mount: larger windows mean fewer, larger
+# FUSE requests, and a read that misses fetches its whole window in one request (measured
+# on a warm cache: 128 MiB read in 0.30 s at 128 KiB, 0.25 s at 4 MiB, 0.24 s at 16 MiB;
+# import numpy, pandas at 200 Mbit/10 ms: 4.8 s at 8 MiB, 5.0 s at 512 KiB, 5.6 s at
+# 128 KiB). mmap faults read around the faulting page by this much too.
+READAHEAD_KB = 8192
+# ... and for a mount that prefetches a trace or records one: the kernel's default. The
+# prefetch brings what the start reads, so a large window would only make the kernel read
+# (and us decompress) what the start never uses, and a trace recorded under it would
+# replay all of that over the link: numpy + pandas read 85 MiB of the device at 8 MiB and
+# 56 MiB at 128 KiB (32 and 64 KiB: the same 56 MiB); its prefetch at 200 Mbit/10 ms
+# fetched 25.7 instead of 33.8 MiB and started in 2.0 instead of 2.5 s.
+LEAN_READAHEAD_KB = 128
+MAX_READAHEAD_KB = 65536
+# The loop device's largest request. Its default (1280 KiB) reaches the FUSE file as a
+# 1 MiB read (FUSE's largest) plus a 256 KiB one; 1 MiB requests map one to one.
+MAX_REQUEST_KB = 1024
+
+
+async def attach_loop(path: str, *, readonly: bool, read_ahead_kb: int = READAHEAD_KB) -> str:
     """Attach ``path`` to a free loop device; returns ``/dev/loopN``."""
     argv = ["losetup", "--find", "--show", "--direct-io=on"]
     if readonly:
@@ -53,20 +73,22 @@ async def attach_loop(path: str, *, readonly: bool) -> str:
     device = proc.stdout.decode().strip()
     if not device.startswith("/dev/loop"):
         raise MountError(f"losetup printed {device!r}, expected a loop device")
-    _set_queue(device, "read_ahead_kb", READAHEAD_KB)
+    _set_queue(device, "read_ahead_kb", read_ahead_kb)
     _set_queue(device, "max_sectors_kb", MAX_REQUEST_KB)
     return device
 
 
-# Kernel read-ahead on the loop device: larger windows mean fewer, larger FUSE requests
-# (measured on a warm cache: 128 MiB read in 0.30 s at 128 KiB, 0.25 s at 4 MiB, 0.24 s at
-# 16 MiB). mmap faults read around the faulting page by this much too; for cold starts
-# that costs bytes, not time (import numpy, pandas on loopback: 5.7 s at 8 MiB, 5.4 s at
-# 4 MiB, 6.0 s at 2 MiB, the same bytes within 5 %).
-READAHEAD_KB = 8192
-# The loop device's largest request. Its default (1280 KiB) reaches the FUSE file as a
-# 1 MiB read (FUSE's largest) plus a 256 KiB one; 1 MiB requests map one to one.
-MAX_REQUEST_KB = 1024
+def choose_read_ahead_kb(requested: object, *, planned: bool) -> int:
+    """The loop device's read-ahead for a mount: ``requested`` (KiB, from a mount request;
+    None for the default), else lean for a ``planned`` mount (prefetching or recording a
+    trace) and wide for a plain lazy one."""
+    if requested is None:
+        return LEAN_READAHEAD_KB if planned else READAHEAD_KB
+    if isinstance(requested, bool) or not isinstance(requested, int) \
+            or not 0 <= requested <= MAX_READAHEAD_KB:
+        raise UsageError(f"read-ahead must be a whole number of KiB from 0 to "
+                         f"{MAX_READAHEAD_KB}, not {requested!r}")
+    return requested
 
 
 def _set_queue(device: str, name: str, kb: int) -> None:

@@ -9,7 +9,8 @@ tests use it to exercise that API around the real FUSE path without the daemon.
 
 Protocol: one JSON object per line each way. On start it answers ``{"ready": true}``, then::
 
-    {"op": "mount", "ref": R, "target": T, "record_trace": F?, "prefetch": F?}
+    {"op": "mount", "ref": R, "target": T, "record_trace": F?, "prefetch": F?,
+     "read_ahead_kb": N?}
     {"op": "status"}       -> bytes fetched, recorder and prefetcher statistics
     {"op": "wait_prefetch"} -> returns when the prefetch is done
     {"op": "umount"}       -> closes the recorder (writes the trace), unmounts
@@ -40,7 +41,14 @@ from ..engine.zfile_source import DecodedChunkCache
 from ..errors import OverlaybdError, UsageError
 from ..formats import trace as tracefmt
 from ..fusefs import BlockFs, serve_blockfs
-from ..mount import attach_loop, detach_loop, is_mountpoint, mount_ext4, unmount
+from ..mount import (
+    attach_loop,
+    choose_read_ahead_kb,
+    detach_loop,
+    is_mountpoint,
+    mount_ext4,
+    unmount,
+)
 from ..registry import ClientConfig, HttpBlobSource, Reference, RegistryClient
 from ..resolve import resolve_overlaybd
 
@@ -60,6 +68,7 @@ class _Mount:
         self.prefetch_done = trio.Event()
         self.cancel = trio.CancelScope()
         self.via = ""
+        self.read_ahead_kb: int | None = None
 
 
 class Server:
@@ -116,7 +125,11 @@ class Server:
             # A trace names layer ranges: start at once, overlapping the ext4 mount itself.
             m.prefetcher = Prefetcher(m.image, source, concurrency)
             self.nursery.start_soon(self._prefetch, m)
-        m.loop = await attach_loop(os.path.join(self.fuse_dir, m.name, "block"), readonly=True)
+        m.read_ahead_kb = choose_read_ahead_kb(
+            params.get("read_ahead_kb"),
+            planned=source is not None or bool(params.get("record_trace")))
+        m.loop = await attach_loop(os.path.join(self.fuse_dir, m.name, "block"), readonly=True,
+                                   read_ahead_kb=m.read_ahead_kb)
         await mount_ext4(m.loop, target, readonly=True)
         m.target = target
         if isinstance(source, tracefmt.PriorityList):  # paths need the mounted filesystem
@@ -143,7 +156,7 @@ class Server:
         stats = m.image.statistics()
         served = self.fs.get(m.name)
         return {
-            "mounted": True, "target": m.target, "via": m.via,
+            "mounted": True, "target": m.target, "via": m.via, "read_ahead_kb": m.read_ahead_kb,
             "bytes_read": served.bytes_read if served else 0,
             "reads": served.reads if served else 0,
             **{k: v for k, v in asdict(stats).items() if k != "unverified_layers"},

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..engine.prefetch import DEFAULT_GAP
+from ..mount import LEAN_READAHEAD_KB, READAHEAD_KB
 
 __all__ = ["write_report"]
 
@@ -59,6 +60,16 @@ def _cpu_table(result: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+def _covered_by(name: str | None) -> str:
+    if name == "record":
+        return (" (the untimed start that recorded the prefetch trace: nothing prefetched, "
+                f"the kernel's read-ahead at {LEAN_READAHEAD_KB} KiB)")
+    if name == "lazy":
+        return (f" (the first lazy start: the kernel's read-ahead at {READAHEAD_KB} KiB "
+                "reads around what the start asks for)")
+    return f" ({TITLES.get(name, name)}'s first start)" if name else ""
+
+
 def write_report(result: dict[str, Any], path: Path, plots: list[str]) -> None:
     link = result["link"]
     shaped = "not shaped" if link["rate_mbit"] is None else f"{link['rate_mbit']:g} Mbit/s"
@@ -73,7 +84,8 @@ def write_report(result: dict[str, Any], path: Path, plots: list[str]) -> None:
         f"{result.get('image_layers')} layers; overlaybd image "
         f"{_mib(result.get('overlaybd_image_bytes'))} in {result.get('overlaybd_layers')} "
         f"layers (found via {result.get('overlaybd_via')})",
-        f"- the start's reads cover {_mib(result.get('workload_bytes_covered'))} of the device",
+        f"- the start's reads cover {_mib(result.get('workload_bytes_covered'))} of the device"
+        + _covered_by(result.get("workload_bytes_covered_by")),
         f"- {result['repeat']} run(s) per variant; runner `{result['runner']}`, overlaybd "
         f"mounts through `{result['mounter']}`; prefetch concurrency "
         f"{result['prefetch_concurrency']}, gap "

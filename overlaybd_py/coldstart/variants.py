@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ..errors import UsageError
-from ..mount import is_mountpoint
+from ..mount import READAHEAD_KB, is_mountpoint
 from .lazymount import LazyMountProcess
 from .servers import PrivateContainerd, shutil_which
 
@@ -197,7 +197,7 @@ class Mounter(Protocol):
 
     def setup(self, bench: Bench, cache_dir: Path, tag: str) -> None: ...
     def mount(self, bench: Bench, target: Path, record_trace: Path | None,
-              prefetch: Path | None) -> None: ...
+              prefetch: Path | None, read_ahead_kb: int | None = None) -> None: ...
     def status(self, bench: Bench, target: Path) -> dict[str, Any]: ...
     def teardown(self, bench: Bench, target: Path) -> None: ...
 
@@ -219,9 +219,9 @@ class InProcessMounter:
         self.server.start()
 
     def mount(self, bench: Bench, target: Path, record_trace: Path | None,
-              prefetch: Path | None) -> None:
+              prefetch: Path | None, read_ahead_kb: int | None = None) -> None:
         assert self.server is not None
-        params: dict[str, Any] = {}
+        params: dict[str, Any] = {"read_ahead_kb": read_ahead_kb}
         if record_trace:
             params["record_trace"] = str(record_trace)
         if prefetch:
@@ -283,12 +283,14 @@ class CliMounter:
         raise UsageError("the node daemon did not answer on a control socket in 30 s")
 
     def mount(self, bench: Bench, target: Path, record_trace: Path | None,
-              prefetch: Path | None) -> None:
+              prefetch: Path | None, read_ahead_kb: int | None = None) -> None:
         extra = []
         if record_trace:
             extra += ["--record-trace", str(record_trace)]
         if prefetch:
             extra += ["--prefetch", str(prefetch)]
+        if read_ahead_kb is not None:
+            extra += ["--read-ahead", f"{read_ahead_kb}K"]
         _run(self._cli("mount", bench.overlaybd_ref, str(target), "--plain-http", *extra,
                        *self.flags), "overlaybd-py mount")
 
@@ -314,12 +316,12 @@ class DaemonMounter(CliMounter):
     name = "daemon"
 
     def mount(self, bench: Bench, target: Path, record_trace: Path | None,
-              prefetch: Path | None) -> None:
+              prefetch: Path | None, read_ahead_kb: int | None = None) -> None:
         from ..control import request
 
         request(self.socket, "mount", ref=bench.overlaybd_ref, target=str(target),
                 plain_http=True, record_trace=str(record_trace) if record_trace else None,
-                prefetch=str(prefetch) if prefetch else None)
+                prefetch=str(prefetch) if prefetch else None, read_ahead_kb=read_ahead_kb)
 
     def status(self, bench: Bench, target: Path) -> dict[str, Any]:
         from ..control import request
@@ -377,10 +379,12 @@ class FullPull:
 
 
 class Lazy:
-    """b. overlaybd-py lazy: mount + run CMD in an overlay over the mounted image; each run
-    records a trace (the first one is what ``lazy_prefetch`` replays)."""
+    """b. overlaybd-py lazy: mount + run CMD in an overlay over the mounted image. Each run
+    records a trace for the report, with the read-ahead of a plain lazy mount (a recording
+    mount's own default is the lean one)."""
 
     name = "lazy"
+    read_ahead_kb: int | None = READAHEAD_KB  # None: what the node chooses for the mount
 
     def __init__(self) -> None:
         self.target: Path | None = None
@@ -410,7 +414,8 @@ class Lazy:
     def timed(self, bench: Bench, run: int) -> str:
         assert self.target is not None and self.merged is not None
         started = time.monotonic()
-        bench.mounter.mount(bench, self.target, self.trace, self.prefetch_input(bench))
+        bench.mounter.mount(bench, self.target, self.trace, self.prefetch_input(bench),
+                            self.read_ahead_kb)
         mount_overlay(self.target, self.target.parent / "ovl", self.merged)
         self.mount_s = time.monotonic() - started
         return bench.runner.run_rootfs(bench, self.merged, f"{self.name}-{run}")
@@ -419,7 +424,8 @@ class Lazy:
         assert self.target is not None
         status = bench.mounter.status(bench, self.target)
         out = {"bytes_fetched_by_client": status.get("bytes_fetched"),
-               "requests": status.get("requests"), "mount_s": round(self.mount_s, 4)}
+               "requests": status.get("requests"), "mount_s": round(self.mount_s, 4),
+               "read_ahead_kb": status.get("read_ahead_kb")}
         if status.get("prefetch"):
             out["prefetch"] = status["prefetch"]
         return out
@@ -430,15 +436,13 @@ class Lazy:
         if self.target is not None:
             bench.mounter.teardown(bench, self.target)
             _umount_quietly(self.target)
-        if run == 0 and self.name == "lazy" and self.trace is not None \
-                and self.trace.exists():
-            bench.prefetch_trace = self.trace
 
 
 class LazyPrefetch(Lazy):
-    """c. lazy with prefetch from a trace recorded in a previous run."""
+    """c. lazy with prefetch of a trace recorded before (``Bench.ensure_prefetch_trace``)."""
 
     name = "lazy_prefetch"
+    read_ahead_kb = None
 
     def setup(self, bench: Bench, run: int) -> None:
         bench.ensure_prefetch_trace()  # untimed; records one now if no lazy run did
@@ -453,6 +457,7 @@ class Warm(Lazy):
     page cache dropped); then CMD again in the same rootfs for the workload-only time."""
 
     name = "warm"
+    read_ahead_kb = None
 
     def cache_dir(self, bench: Bench, run: int) -> Path:
         return bench.work / "cache-warm"  # kept across warm runs; primed before the first

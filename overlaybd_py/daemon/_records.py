@@ -22,7 +22,15 @@ from typing import Any
 from ..config import DAEMON_DIR, NodeConfig
 from ..errors import MountError, OverlaybdError, UsageError
 from ..formats.oci import validate_digest
-from ..mount import detach_loop, is_mountpoint, loops_backed_by, mounts_under, source_of, unmount
+from ..mount import (
+    READAHEAD_KB,
+    detach_loop,
+    is_mountpoint,
+    loops_backed_by,
+    mounts_under,
+    source_of,
+    unmount,
+)
 
 __all__ = [
     "LayerSpec",
@@ -86,6 +94,7 @@ class MountRecord:
     plain_http: bool = False
     owner: str = "cli"  # "cli" or "snapshotter:<root>"
     suspended: bool = False  # writable, unmounted cleanly at a daemon stop: mount again
+    read_ahead_kb: int = READAHEAD_KB  # the loop device's (mount.choose_read_ahead_kb)
 
 
 def server_dirs(state_dir: str) -> list[Path]:

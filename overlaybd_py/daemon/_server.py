@@ -67,7 +67,15 @@ from ..formats import trace as tracefmt
 from ..formats.oci import Platform
 from ..fusefs import BlockFs, serve_blockfs
 from ..metrics import LatencyHistogram, MountStatistics, NodeStatistics, serve_metrics
-from ..mount import attach_loop, detach_loop, is_mountpoint, mount_ext4, source_of, unmount
+from ..mount import (
+    attach_loop,
+    choose_read_ahead_kb,
+    detach_loop,
+    is_mountpoint,
+    mount_ext4,
+    source_of,
+    unmount,
+)
 from ..registry import Reference
 from ..resolve import resolve_overlaybd
 from ._clients import ClientPool, RegistryBlob
@@ -403,6 +411,9 @@ class NodeServer:
             loop="", readonly=not writable, upper=upper_dir, keep_upper=bool(upper_dir),
             pid=os.getpid(), created=time.time(), layers=[asdict(s) for s in specs],
             plain_http=key[0], owner=str(params.get("owner") or "cli"),
+            read_ahead_kb=choose_read_ahead_kb(
+                params.get("read_ahead_kb"),
+                planned=prefetch is not None or bool(params.get("record_trace"))),
         )
         try:
             async with self._lock:
@@ -450,7 +461,8 @@ class NodeServer:
             if isinstance(prefetch, tracefmt.TraceFile):
                 self._start_prefetch(served, prefetch)
             record.block = str(self.dir / "fuse" / record.id / "block")
-            record.loop = await attach_loop(record.block, readonly=record.readonly)
+            record.loop = await attach_loop(record.block, readonly=record.readonly,
+                                            read_ahead_kb=record.read_ahead_kb)
             undo.push_async_callback(detach_loop, record.loop)
             await mount_ext4(record.loop, record.target, readonly=record.readonly)
             record.pid, record.suspended = os.getpid(), False
@@ -647,6 +659,7 @@ class NodeServer:
                 "writable": not record.readonly,
                 "upper": record.upper,
                 "loop": record.loop,
+                "read_ahead_kb": record.read_ahead_kb,
                 "bytes_read": m.bytes_read,
                 "reads": m.reads,
                 "bytes_written": m.bytes_written,

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from overlaybd_py.coldstart.traces import load_trace, summarize
 from overlaybd_py.mount import mounts_under
 from tests.fixtures.system import need, need_fuse, need_program
 
@@ -91,13 +92,18 @@ def test_bench_runs_end_to_end(cache_dir, tmp_path, link):
     # What the serving process counted is what the registry sent.
     lazy_run = variants["lazy"]["runs"][0]
     assert lazy_run["bytes_fetched_by_client"] == lazy_run["bytes_fetched_until_teardown"]
-    # The prefetch replayed the lazy start's trace: its own trace shows prefetch requests
-    # and a start that issued (almost) nothing itself.
+    # The prefetch replayed the trace an untimed start recorded: its own trace shows
+    # prefetch requests and a start that issued (almost) nothing itself.
     pre = variants["lazy_prefetch"]["trace_summary"]
     lazy = variants["lazy"]["trace_summary"]
     assert pre["prefetch_requests"] > 0
     assert pre["requests"] - pre["prefetch_requests"] < lazy["requests"]
-    assert result["workload_bytes_covered"] == lazy["bytes_covered"] > 0
+    recorded = summarize(load_trace(str(output / "traces" / "record-0.trace")))
+    assert result["workload_bytes_covered_by"] == "record"
+    assert result["workload_bytes_covered"] == recorded.bytes_covered > 0
+    # Timed lazy runs read ahead as a plain lazy mount does, prefetching ones lean.
+    assert variants["lazy"]["runs"][0]["read_ahead_kb"] == 8192
+    assert variants["lazy_prefetch"]["runs"][0]["read_ahead_kb"] == 128
     assert set(result["ratios_to_full_pull"]) == set(variants)
     # CPU during every timed run: the machine's, and the benchmark's own servers' (each no
     # more than the machine's).

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from overlaybd_py.control import request
 from overlaybd_py.formats import trace as tracefmt
 from tests.fixtures.images import build_layers, push_layers
 from tests.fixtures.node import Node
@@ -118,6 +119,62 @@ def test_bad_prefetch_file_is_a_usage_error(image, tmp_path):
         assert out.returncode == 2
     finally:
         node.stop()
+
+
+def _loop_read_ahead_kb(loop: str) -> int:
+    return int(Path(f"/sys/block/{os.path.basename(loop)}/queue/read_ahead_kb").read_text())
+
+
+def _touch_middle_page(path: Path) -> None:
+    """One byte from the middle of a mapped file: the kernel reads around the page fault
+    by the device's read-ahead."""
+    import mmap
+
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as mapped:
+        assert mapped[len(mapped) // 2] in range(256)
+
+
+def _recorded_bytes(trace: Path) -> int:
+    return sum(r.count for r in tracefmt.decode_trace(trace.read_bytes()).records)
+
+
+def test_read_ahead_is_lean_while_prefetching_or_recording(image, tmp_path):
+    """A plain lazy mount reads around what is asked in 8 MiB windows (fewer round trips);
+    a mount that prefetches or records a trace uses the kernel's 128 KiB, so a recorded
+    trace holds what the start read and not 8 MiB around each page fault."""
+    lean, wide = tmp_path / "lean.trace", tmp_path / "wide.trace"
+    node = Node(tmp_path / "ra")
+    try:
+        kinds = {"plain": [], "prefetch": ["--prefetch", str(_plain_list(tmp_path))],
+                 "lean": ["--record-trace", str(lean)],
+                 "wide": ["--record-trace", str(wide), "--read-ahead", "8M"],
+                 "asked": ["--read-ahead", "1MiB"]}
+        expected = {"plain": 8192, "prefetch": 128, "lean": 128, "wide": 8192, "asked": 1024}
+        for kind, flags in kinds.items():
+            target = tmp_path / kind
+            node.mount(image, target, *flags)
+            status = node.mount_status(target)
+            assert status["read_ahead_kb"] == expected[kind], kind
+            assert _loop_read_ahead_kb(status["loop"]) == expected[kind], kind
+            if kind in ("lean", "wide"):
+                _touch_middle_page(target / "other/big.bin")
+            node.umount(target)
+        for bad in ("1.5K", "100M", "lots"):
+            out = node.mount(image, tmp_path / "bad", "--read-ahead", bad, check=False)
+            assert out.returncode == 2 and "--read-ahead" in out.stderr + out.stdout, bad
+        with pytest.raises(Exception, match="read-ahead must be a whole number of KiB"):
+            request(node.daemon_socket(), "mount", ref=image, target=str(tmp_path / "bad"),
+                    plain_http=True, read_ahead_kb=-1)
+    finally:
+        node.stop()
+    assert _recorded_bytes(wide) > 6 << 20  # ~8 MiB around the fault
+    assert _recorded_bytes(lean) < 1 << 20  # the fault's 128 KiB, the mount's metadata
+
+
+def _plain_list(tmp_path: Path) -> Path:
+    listed = tmp_path / "prefetch.list"
+    listed.write_text("/lib/c.so\n")
+    return listed
 
 
 def _wait_prefetch(node: Node, target: Path, timeout: float = 60) -> dict:
