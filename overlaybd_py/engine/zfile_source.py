@@ -81,8 +81,17 @@ async def open_zfile_index(inner: BlobSource) -> zfile.ZFileIndex:
     if not header.flag(zfile.FLAG_OVERWRITE):
         trailer = await inner.read_at(inner.size - zfile.SLOT, zfile.SLOT)
     ht = zfile.index_header(header, trailer, inner.size)
+    fill = getattr(inner, "fill", None)  # a cached blob's (see layer.TAIL_FILL)
+    if fill is not None and ht.index_size:
+        # The chunks before the jump table hold the LSMT trailer and index, read next:
+        # fetch them with it in one request (nothing, when the open's tail fill had them).
+        start = max(0, ht.index_offset - LSMT_TABLES_FILL)
+        await fill(start, min(inner.size, ht.index_offset + 4 * ht.index_size) - start)
     table = await inner.read_at(ht.index_offset, 4 * ht.index_size) if ht.index_size else b""
     return zfile.ZFileIndex.parse(ht, table)
+
+
+LSMT_TABLES_FILL = 256 << 10
 
 
 @dataclass

@@ -12,6 +12,7 @@ from .client import (
     FetchedManifest,
     PushedManifest,
     RegistryClient,
+    preload,
 )
 from .proxy_env import EnvProxies
 from .reference import Reference, host_platform, select_manifest
@@ -49,6 +50,7 @@ __all__ = [
     "list_referrers",
     "parse_www_authenticate",
     "pick_overlaybd_referrer",
+    "preload",
     "push_referrer",
     "retry",
     "select_manifest",

@@ -66,6 +66,7 @@ __all__ = [
     "FetchedManifest",
     "PushedManifest",
     "RegistryClient",
+    "preload",
 ]
 
 log = logging.getLogger(__name__)
@@ -202,8 +203,8 @@ class RegistryClient:
         if config.proxy is None and config.transport is None:
             env_proxies = config.env_proxies if config.env_proxies is not None \
                 else EnvProxies.from_environ(os.environ)
-        # One context for every transport and the socket path: building one reads the whole
-        # CA store (~25 ms here).
+        # One context for every transport and the socket path (and every client of this
+        # process with the same CA file: tls.ssl_context keeps it).
         context = tls.ssl_context(config.ca_file) if config.transport is None else None
         transport = config.transport or _make_transport(config, env_proxies, context)
         http = httpx.AsyncClient(
@@ -513,7 +514,7 @@ class RegistryClient:
         async def op(endpoint: _Endpoint) -> bytes | bytearray:
             if length >= SOCKET_RANGE_MIN and self._sockets is not None and not (
                     self._env_proxies and self._env_proxies.proxy_for(endpoint.base)):
-                data = await self._socket_range(endpoint, path, offset, length)
+                data = await self._socket_range(endpoint, path, offset, length, blob_size)
                 if isinstance(data, ErrorAnswer):
                     url = endpoint.base + path
                     await raise_for_status(httpx.Response(
@@ -548,7 +549,8 @@ class RegistryClient:
         return await self._pull(ref, f"GET {what}", op)
 
     async def _socket_range(
-        self, endpoint: _Endpoint, path: str, offset: int, length: int
+        self, endpoint: _Endpoint, path: str, offset: int, length: int,
+        blob_size: int | None = None,
     ) -> bytes | bytearray | ErrorAnswer | None:
         """The range through :class:`RangeSockets` in a worker thread: its bytes (see
         ``read_blob_range``), an error answer, or None when httpx must do it (no usable token
@@ -559,7 +561,7 @@ class RegistryClient:
         ready, authorization = self._auth.ready_authorization("GET", url)
         if not ready:
             return None
-        get = partial(self._sockets.get_range, url, offset, length, authorization)
+        get = partial(self._sockets.get_range, url, offset, length, authorization, blob_size)
         async with self._slot(endpoint.host):
             self._requests += 1
             try:
@@ -676,6 +678,14 @@ class RegistryClient:
 # and costs nothing for small replies, which come in one short receive anyway. The knob is a
 # class attribute of httpcore's HTTP/1.1 connection, so it is set once, if present.
 _READ_BYTES = 256 * 1024
+
+
+def preload(ca_file: str | None = None) -> None:
+    """Do the one-off work of a process's first client open now (the trust store and
+    httpcore's import, ~50 ms): a long-running server calls it at start so that its first
+    request does not wait for it. Raises UsageError for a bad ``ca_file``."""
+    tls.ssl_context(ca_file)
+    _tune_httpcore()
 
 
 def _tune_httpcore() -> None:

@@ -58,6 +58,11 @@ class ResponseHead:
         parsed = parse_content_range(self.headers.get("content-range", ""))
         return parsed[:2] if parsed is not None else None
 
+    def blob_size(self) -> int | None:
+        """The whole size a 206's Content-Range names, or None (``*`` or none)."""
+        parsed = parse_content_range(self.headers.get("content-range", ""))
+        return parsed[2] if parsed is not None else None
+
 
 @dataclass(frozen=True, slots=True)
 class ErrorAnswer:
@@ -122,10 +127,13 @@ class RangeSockets:
         self.connections = 0  # connections opened
 
     def get_range(
-        self, url: str, offset: int, length: int, authorization: str | None
+        self, url: str, offset: int, length: int, authorization: str | None,
+        blob_size: int | None = None,
     ) -> bytes | bytearray | ErrorAnswer | None:
         """Exactly ``length`` bytes of ``url`` from ``offset`` (the receive buffer itself, a
-        bytearray, when :data:`RANGE_PROGRESS` is set), an error answer, or None (use httpx)."""
+        bytearray, when :data:`RANGE_PROGRESS` is set), an error answer, or None (use httpx:
+        also when the answer names a blob size other than ``blob_size``, for httpx's path to
+        refuse with its message)."""
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or parts.hostname is None:
             return None
@@ -145,18 +153,19 @@ class RangeSockets:
         sock = self._take(key)
         if sock is not None:
             try:
-                return self._exchange(sock, key, parts.netloc, request, offset, length)
+                return self._exchange(sock, key, parts.netloc, request, offset, length,
+                                      blob_size)
             except (OSError, _Stale):
                 pass  # the server closed an idle connection: once more on a new one
         sock = self._connect(key)
         try:
-            return self._exchange(sock, key, parts.netloc, request, offset, length)
+            return self._exchange(sock, key, parts.netloc, request, offset, length, blob_size)
         except _Stale as exc:
             raise ConnectionResetError(f"{parts.netloc} closed the connection: {exc}") from None
 
     def _exchange(
         self, sock: socket.socket, key: tuple[str, str, int], netloc: str, request: bytes,
-        offset: int, length: int,
+        offset: int, length: int, blob_size: int | None = None,
     ) -> bytes | bytearray | ErrorAnswer | None:
         keep = False
         try:
@@ -178,6 +187,8 @@ class RangeSockets:
             if answer.body_range() != (offset, offset + length - 1) or declared != str(length) \
                     or len(rest) > length:
                 raise _Unusable("the answer is not the asked range")
+            if blob_size is not None and answer.blob_size() not in (None, blob_size):
+                raise _Unusable(f"the answer is of a blob of {answer.blob_size()} bytes")
             body = bytearray(length)
             view = memoryview(body)
             view[: len(rest)] = rest

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import ssl
+import threading
 
 from ..errors import UntrustedCertificateError, UsageError
 
@@ -30,7 +31,32 @@ def _system_store() -> bool:
 def ssl_context(ca_file: str | None = None) -> ssl.SSLContext:
     """A client context that verifies certificates and host names against the system's CAs
     (certifi's bundle on a machine without any) and ``ca_file``'s. Raises UsageError when
-    ``ca_file`` cannot be read or holds no certificate."""
+    ``ca_file`` cannot be read or holds no certificate.
+
+    Built once per set of CA files and shared (building one reads the whole store, ~25 ms,
+    on every client open otherwise); a CA file or system bundle that changed on disk since
+    (``update-ca-certificates``) gets a new one."""
+    key = (ca_file, _stamp(ca_file), _stamp(ssl.get_default_verify_paths().cafile))
+    with _contexts_lock:
+        context = _contexts.get(key)
+        if context is None:
+            context = _contexts[key] = _build_context(ca_file)
+    return context
+
+
+_contexts: dict[tuple, ssl.SSLContext] = {}
+_contexts_lock = threading.Lock()
+
+
+def _stamp(path: str | None) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path) if path else None
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size) if st else None
+
+
+def _build_context(ca_file: str | None) -> ssl.SSLContext:
     context = ssl.create_default_context()
     if not _system_store():
         import certifi

@@ -592,3 +592,32 @@ def test_clear_and_version_check(tmp_path, blob):
     (tmp_path / "VERSION").write_text('{"format": 99, "block_size": 4096}')
     with pytest.raises(UsageError, match="different cache format"):
         BlockCache.open(tmp_path, 0)
+
+
+@pytest.mark.parametrize(("name", "rounds"), [
+    ("baselayer-ext4_64.zfile", 2),  # 4 KiB chunks: a 529 KB jump table
+    ("l1.lz4.tar", 1), ("l1.zstd64k.zfile", 1), ("l1.commit", 1), ("l1.lz4.hdrov.zfile", 1)])
+def test_opening_a_layer_fetches_its_tables_in_one_or_two_rounds(tmp_path, name, rounds):
+    """A layer's tables sit at the end of its blob and were read one after another (ZFile
+    trailer, jump table, LSMT trailer, index: five round trips with the head). Through the
+    cache, a cold open fetches the first and last blocks at once and, when the jump table is
+    larger than that tail, the jump table and the chunks before it (the LSMT tables) in one
+    more request. Files written by the original tools; the layer reads like an uncached one."""
+    from overlaybd_py.engine.layer import open_layer
+    from tests.fixtures.testdata import sample
+
+    data = sample(name).read_bytes()
+    delay = 0.01
+
+    async def main():
+        remote = CountingSource(data, delay=delay)
+        cache = BlockCache.open(tmp_path, 0)
+        started = trio.current_time()
+        layer = await open_layer(cache.source(remote, DIGEST), key=name)
+        assert trio.current_time() - started == pytest.approx(rounds * delay), remote.requests
+        assert len(remote.requests) <= 3
+        plain = await open_layer(MemorySource(data), key=name)
+        assert layer.segments == plain.segments and layer.trailer == plain.trailer
+        cache.close()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))

@@ -338,7 +338,7 @@ def test_a_trace_of_another_image_is_skipped_not_misread(tmp_path, blobs):
         tracefmt.TraceRecord("R", 5, 4096, 0),  # no such layer
         tracefmt.TraceRecord("R", 0, 4096, 1 << 40),  # beyond the layer
         tracefmt.TraceRecord("W", 0, 4096, 0),  # writes are ignored
-        tracefmt.TraceRecord("R", 1, 4096, 8192),
+        tracefmt.TraceRecord("R", 1, 4096, 2 << 20),  # not read by opening the layer
     ))
 
     async def main():

@@ -135,6 +135,20 @@ def test_answers_left_to_httpx(sockets):
     server.close()
 
 
+def test_an_answer_for_a_blob_of_another_size_is_left_to_httpx(sockets):
+    """httpx's path refuses it with a message naming both sizes; an unknown total passes."""
+    def unknown_total(offset, length):
+        return partial_content(offset, length).replace(b"/%d\r\n" % len(BLOB), b"/*\r\n")
+
+    server = ScriptedServer([partial_content, unknown_total, partial_content])
+    assert sockets.get_range(server.url, 0, 300_000, None, blob_size=len(BLOB) + 1) is None
+    assert sockets.get_range(server.url, 0, 300_000, None, blob_size=len(BLOB)) == \
+        BLOB[:300_000]
+    assert sockets.get_range(server.url, 0, 300_000, None) == BLOB[:300_000]
+    assert sockets.served == 2
+    server.close()
+
+
 def test_a_redirecting_host_is_left_to_httpx_from_then_on(sockets):
     def redirect(offset, length):
         return (b"HTTP/1.1 307 Temporary Redirect\r\nLocation: http://x/\r\n"

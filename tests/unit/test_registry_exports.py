@@ -27,6 +27,7 @@ PUBLIC = {
     "list_referrers",
     "parse_www_authenticate",
     "pick_overlaybd_referrer",
+    "preload",
     "push_referrer",
     "retry",
     "select_manifest",
