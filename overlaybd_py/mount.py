@@ -42,13 +42,15 @@ async def _run(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
 
 
 # Kernel read-ahead on the loop device, for a lazy mount: larger windows mean fewer, larger
-# FUSE requests, and a read that misses fetches its whole window in one request (measured
-# on a warm cache: 128 MiB read in 0.30 s at 128 KiB, 0.25 s at 4 MiB, 0.24 s at 16 MiB;
-# import numpy, pandas at 200 Mbit/10 ms: 4.8 s at 8 MiB, 5.0 s at 512 KiB, 5.6 s at
-# 128 KiB). mmap faults read around the faulting page by this much too.
-READAHEAD_KB = 8192
+# FUSE requests, and a read that misses fetches its whole window in one request; mmap faults
+# read around the faulting page by this much too, and the start waits for what a wider
+# window brings. `import numpy, pandas`, lazy, medians of 3 (2026-11-28): 200 Mbit/10 ms
+# (zstd 64 KiB) 8 MiB 4.72/4.92 s, 4 MiB 4.59/4.75 s, 2 MiB 4.42/4.50/4.52 s, 1 MiB
+# 4.73/4.41 s, 512 KiB 4.64 s, 128 KiB 5.6 s; loopback (lz4) 8 MiB 2.06/2.25 s, 2 MiB
+# 1.89/1.96 s; 200 Mbit/10 ms (lz4) 8 MiB 5.61 s, 2 MiB 5.62 s.
+READAHEAD_KB = 2048
 # ... and for a mount that prefetches a trace or records one: the kernel's default. The
-# prefetch brings what the start reads, so a large window would only make the kernel read
+# prefetch brings what the start reads, so a wide window would only make the kernel read
 # (and us decompress) what the start never uses, and a trace recorded under it would
 # replay all of that over the link: numpy + pandas read 85 MiB of the device at 8 MiB and
 # 56 MiB at 128 KiB (32 and 64 KiB: the same 56 MiB); its prefetch at 200 Mbit/10 ms

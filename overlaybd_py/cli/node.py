@@ -357,7 +357,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "the image is in use")
     p.add_argument("--read-ahead", metavar="SIZE",
                    help="the kernel's read-ahead on the image's block device, e.g. 128K or "
-                   "8M (default: 8M for a lazy mount; 128K with --prefetch or --record-trace, "
+                   "8M (default: 2M for a lazy mount; 128K with --prefetch or --record-trace, "
                    "so the start reads, fetches and records only what it uses)")
     p.add_argument("--fallback", action="store_true",
                    help="if the image has no overlaybd form, pull and unpack it into TARGET")

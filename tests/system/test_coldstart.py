@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from overlaybd_py.coldstart.traces import load_trace, summarize
-from overlaybd_py.mount import mounts_under
+from overlaybd_py.mount import READAHEAD_KB, mounts_under
 from tests.fixtures.system import need, need_fuse, need_program
 
 pytestmark = pytest.mark.system
@@ -102,7 +102,7 @@ def test_bench_runs_end_to_end(cache_dir, tmp_path, link):
     assert result["workload_bytes_covered_by"] == "record"
     assert result["workload_bytes_covered"] == recorded.bytes_covered > 0
     # Timed lazy runs read ahead as a plain lazy mount does, prefetching ones lean.
-    assert variants["lazy"]["runs"][0]["read_ahead_kb"] == 8192
+    assert variants["lazy"]["runs"][0]["read_ahead_kb"] == READAHEAD_KB
     assert variants["lazy_prefetch"]["runs"][0]["read_ahead_kb"] == 128
     assert set(result["ratios_to_full_pull"]) == set(variants)
     # CPU during every timed run: the machine's, and the benchmark's own servers' (each no

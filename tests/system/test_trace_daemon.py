@@ -139,9 +139,9 @@ def _recorded_bytes(trace: Path) -> int:
 
 
 def test_read_ahead_is_lean_while_prefetching_or_recording(image, tmp_path):
-    """A plain lazy mount reads around what is asked in 8 MiB windows (fewer round trips);
+    """A plain lazy mount reads around what is asked in 2 MiB windows (fewer round trips);
     a mount that prefetches or records a trace uses the kernel's 128 KiB, so a recorded
-    trace holds what the start read and not 8 MiB around each page fault."""
+    trace holds what the start read and not a wide window around each page fault."""
     lean, wide = tmp_path / "lean.trace", tmp_path / "wide.trace"
     node = Node(tmp_path / "ra")
     try:
@@ -149,7 +149,7 @@ def test_read_ahead_is_lean_while_prefetching_or_recording(image, tmp_path):
                  "lean": ["--record-trace", str(lean)],
                  "wide": ["--record-trace", str(wide), "--read-ahead", "8M"],
                  "asked": ["--read-ahead", "1MiB"]}
-        expected = {"plain": 8192, "prefetch": 128, "lean": 128, "wide": 8192, "asked": 1024}
+        expected = {"plain": 2048, "prefetch": 128, "lean": 128, "wide": 8192, "asked": 1024}
         for kind, flags in kinds.items():
             target = tmp_path / kind
             node.mount(image, target, *flags)

@@ -9,7 +9,7 @@ from overlaybd_py.mount import LEAN_READAHEAD_KB, READAHEAD_KB, choose_read_ahea
 
 
 def test_defaults_follow_the_kind_of_mount():
-    assert choose_read_ahead_kb(None, planned=False) == READAHEAD_KB == 8192
+    assert choose_read_ahead_kb(None, planned=False) == READAHEAD_KB == 2048
     assert choose_read_ahead_kb(None, planned=True) == LEAN_READAHEAD_KB == 128
 
 
