@@ -87,9 +87,10 @@ def choose_read_ahead_kb(requested: object, *, planned: bool) -> int:
     if requested is None:
         return LEAN_READAHEAD_KB if planned else READAHEAD_KB
     if isinstance(requested, bool) or not isinstance(requested, int) \
-            or not 0 <= requested <= MAX_READAHEAD_KB:
-        raise UsageError(f"read-ahead must be a whole number of KiB from 0 to "
-                         f"{MAX_READAHEAD_KB}, not {requested!r}")
+            or not 0 <= requested <= MAX_READAHEAD_KB or requested % 4:
+        # (the kernel keeps it in 4 KiB pages: 1-3 KiB would silently mean none)
+        raise UsageError(f"read-ahead must be a multiple of 4 KiB from 0 to "
+                         f"{MAX_READAHEAD_KB} KiB, not {requested!r}")
     return requested
 
 

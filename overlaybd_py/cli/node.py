@@ -82,8 +82,8 @@ def _read_ahead_kb(value: str | None) -> int | None:
     from ..mount import MAX_READAHEAD_KB
 
     size = parse_size(value, "--read-ahead")
-    if size % 1024 or size > MAX_READAHEAD_KB * 1024:
-        raise UsageError(f"--read-ahead {value}: must be a whole number of KiB up to "
+    if size % 4096 or size > MAX_READAHEAD_KB * 1024:
+        raise UsageError(f"--read-ahead {value}: must be a multiple of 4 KiB up to "
                          f"{MAX_READAHEAD_KB // 1024}MiB (e.g. 128K, 8M; 0 turns it off)")
     return size // 1024
 
@@ -357,8 +357,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "the image is in use")
     p.add_argument("--read-ahead", metavar="SIZE",
                    help="the kernel's read-ahead on the image's block device, e.g. 128K or "
-                   "8M (default: 2M for a lazy mount; 128K with --prefetch or --record-trace, "
-                   "so the start reads, fetches and records only what it uses)")
+                   "8M (default: 2M for a lazy mount; 128K with --prefetch, --record-trace "
+                   "or an image's acceleration layer, so the start reads, fetches and "
+                   "records only what it uses)")
     p.add_argument("--fallback", action="store_true",
                    help="if the image has no overlaybd form, pull and unpack it into TARGET")
     p.add_argument("--foreground", action="store_true",

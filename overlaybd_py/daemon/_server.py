@@ -311,8 +311,11 @@ class NodeServer:
             return await operation(fresh)
 
     async def _open(self, specs: list[LayerSpec], key: tuple) -> OpenImage:
-        """Open the layers as one device. A registry blob that is missing or of another size
-        fails its first read (a range answer names the blob's size), so no HEAD is spent."""
+        """Open the layers as one device. No HEAD is spent: a registry blob that is missing or
+        of another size fails the open's first fetch (a range answer names the blob's size;
+        the block cache refuses a size other than the one it holds the blob at). A blob
+        whose opening blocks are all cached is not asked for at all: one deleted from the
+        registry since shows when a read misses."""
         by_digest = {spec.digest: spec for spec in specs}
 
         async def open_blob(digest: str, size: int) -> BlobSource:
@@ -404,15 +407,16 @@ class NodeServer:
         if target in self._served or is_mountpoint(target):
             raise UsageError(f"{target} is already a mount point")
         key = ClientPool.key(params)
+        read_ahead_kb = choose_read_ahead_kb(  # checked before anything is opened
+            params.get("read_ahead_kb"),
+            planned=prefetch is not None or bool(params.get("record_trace")))
         opened = await self._open(specs, key)
         record = MountRecord(
             id=secrets.token_hex(6), ref=name, image=image, via=via, target=target, block="",
             loop="", readonly=not writable, upper=upper_dir, keep_upper=bool(upper_dir),
             pid=os.getpid(), created=time.time(), layers=[asdict(s) for s in specs],
             plain_http=key[0], owner=str(params.get("owner") or "cli"),
-            read_ahead_kb=choose_read_ahead_kb(
-                params.get("read_ahead_kb"),
-                planned=prefetch is not None or bool(params.get("record_trace"))),
+            read_ahead_kb=read_ahead_kb,
         )
         try:
             async with self._lock:

@@ -52,7 +52,7 @@ from pathlib import Path
 import trio
 
 from .. import __version__, _accel
-from ..errors import DeviceError, UsageError
+from ..errors import DeviceError, DigestMismatchError, UsageError
 from ..registry.range_sockets import RANGE_PROGRESS
 from ._tasks import run_concurrently
 from .source import BlobSource, check_range
@@ -205,6 +205,14 @@ def _header(digest: str, size: int) -> bytes:
     return body[:-4] + struct.pack("<I", crc)
 
 
+def _held_size(stored: bytes, digest: str) -> int | None:
+    """The size a valid header of this cache format records for ``digest``, else None."""
+    if len(stored) != _HEADER.size:
+        return None
+    size = _HEADER.unpack(stored)[3]
+    return size if stored == _header(digest, size) else None
+
+
 class BlockCache:
     """A directory of cached blobs with a size cap (bytes; 0 = unbounded).
 
@@ -277,6 +285,14 @@ class BlockCache:
             with open(meta_path, "rb") as f:
                 stored = f.read(len(header))
             fresh = stored != header or meta_path.stat().st_size != expected_meta
+            held = _held_size(stored, digest)
+            if held is not None and held != size:
+                # The same content at another size: the request's size is wrong (the entry's
+                # came from the registry's range answers). Keep the entry, refuse the request.
+                raise DigestMismatchError(
+                    f"blob {digest}: {size} bytes asked for, but the registry served it as "
+                    f"{held} bytes (the block cache holds it at that size); is the image's "
+                    "manifest or layer list right?")
             if fresh:
                 log.info("cache entry for %s does not match this format or size; rebuilding",
                          digest)

@@ -16,7 +16,7 @@ from ..formats.lsmt import HT_SPACE, LsmtHeader, Segments
 from ._tasks import run_concurrently
 from .source import BlobSource, FileSource, SliceSource
 from .writable import WritableLayer
-from .zfile_source import DecodedChunkCache, ZFileSource
+from .zfile_source import TAIL_FILL, DecodedChunkCache, ZFileSource
 
 __all__ = ["Layer", "open_layer", "unwrap_tar", "writable_as_layer"]
 
@@ -69,7 +69,6 @@ async def unwrap_tar(blob: BlobSource, head: bytes) -> tuple[BlobSource, int | N
 # tables of a 64 KiB-chunk ZFile of up to ~2 GiB, or of a 4 KiB-chunk one of ~100 MiB; a
 # larger one reads what is missing as before.
 HEAD_FILL = 128 << 10
-TAIL_FILL = 256 << 10
 
 
 async def _read_head(blob: BlobSource) -> bytes:

@@ -81,16 +81,20 @@ async def open_zfile_index(inner: BlobSource) -> zfile.ZFileIndex:
     if not header.flag(zfile.FLAG_OVERWRITE):
         trailer = await inner.read_at(inner.size - zfile.SLOT, zfile.SLOT)
     ht = zfile.index_header(header, trailer, inner.size)
-    fill = getattr(inner, "fill", None)  # a cached blob's (see layer.TAIL_FILL)
-    if fill is not None and ht.index_size:
-        # The chunks before the jump table hold the LSMT trailer and index, read next:
-        # fetch them with it in one request (nothing, when the open's tail fill had them).
+    fill = getattr(inner, "fill", None)  # a cached blob's
+    if fill is not None and ht.index_size and inner.size - ht.index_offset > TAIL_FILL:
+        # A jump table larger than the open's tail fill (layer._read_head): the chunks
+        # before it hold the LSMT trailer and index, read next; fetch them with it.
         start = max(0, ht.index_offset - LSMT_TABLES_FILL)
         await fill(start, min(inner.size, ht.index_offset + 4 * ht.index_size) - start)
     table = await inner.read_at(ht.index_offset, 4 * ht.index_size) if ht.index_size else b""
     return zfile.ZFileIndex.parse(ht, table)
 
 
+# What opening a cached ZFile fetches ahead: its last TAIL_FILL bytes with its head (the
+# jump table and the chunks of the LSMT tables before it, for most layers), and when the
+# jump table starts before them, LSMT_TABLES_FILL bytes before the jump table with it.
+TAIL_FILL = 256 << 10
 LSMT_TABLES_FILL = 256 << 10
 
 

@@ -11,6 +11,7 @@ import json
 import logging
 import re
 import time
+from collections.abc import Mapping
 
 import httpx
 
@@ -18,6 +19,7 @@ from ..errors import AuthError, DigestMismatchError, NotFoundError, RegistryErro
 
 __all__ = [
     "check_content_range",
+    "check_unsatisfiable",
     "error_detail",
     "parse_content_range",
     "parse_retry_after",
@@ -29,6 +31,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _CONTENT_RANGE_RE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
+_UNSATISFIED_RE = re.compile(r"bytes\s+\*/(\d+)")
 _MAX_ERROR_BODY = 8192
 
 
@@ -104,6 +107,18 @@ def check_content_range(
             f"{what}: server answered bytes {first}-{last} instead of "
             f"{offset}-{offset + length - 1}"
         )
+
+
+def check_unsatisfiable(status: int, headers: Mapping[str, str], blob_size: int | None,
+                        what: str) -> None:
+    """A 416 to a range inside ``blob_size`` whose ``Content-Range: bytes */N`` names
+    another size: the blob is not the size the manifest says."""
+    if status != 416 or blob_size is None:
+        return
+    match = _UNSATISFIED_RE.fullmatch(headers.get("content-range", "").strip())
+    if match is not None and int(match[1]) != blob_size:
+        raise DigestMismatchError(
+            f"{what}: server reports a blob of {match[1]} bytes, expected {blob_size}")
 
 
 async def skip_and_take(response: httpx.Response, offset: int, length: int) -> bytes:

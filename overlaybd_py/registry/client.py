@@ -53,7 +53,13 @@ from ..formats.oci import (
     sha256_digest,
 )
 from . import tls
-from ._http import check_content_range, raise_for_status, read_limited, skip_and_take
+from ._http import (
+    check_content_range,
+    check_unsatisfiable,
+    raise_for_status,
+    read_limited,
+    skip_and_take,
+)
 from .auth import Credentials, RegistryAuth, docker_config_credentials
 from .proxy_env import EnvProxies
 from .range_sockets import ErrorAnswer, RangeSockets
@@ -517,6 +523,7 @@ class RegistryClient:
                 data = await self._socket_range(endpoint, path, offset, length, blob_size)
                 if isinstance(data, ErrorAnswer):
                     url = endpoint.base + path
+                    check_unsatisfiable(data.status, data.headers, blob_size, what)
                     await raise_for_status(httpx.Response(
                         data.status, headers=data.headers, content=data.body,
                         request=httpx.Request("GET", url)), what)
@@ -540,6 +547,7 @@ class RegistryClient:
                         )
                     data = await skip_and_take(response, offset, length)
                 else:
+                    check_unsatisfiable(status, response.headers, blob_size, what)
                     await raise_for_status(response, what)
                     raise RegistryError(f"{what}: unexpected HTTP {status}", status=status)
             if len(data) != length:

@@ -33,18 +33,19 @@ def ssl_context(ca_file: str | None = None) -> ssl.SSLContext:
     (certifi's bundle on a machine without any) and ``ca_file``'s. Raises UsageError when
     ``ca_file`` cannot be read or holds no certificate.
 
-    Built once per set of CA files and shared (building one reads the whole store, ~25 ms,
-    on every client open otherwise); a CA file or system bundle that changed on disk since
-    (``update-ca-certificates``) gets a new one."""
-    key = (ca_file, _stamp(ca_file), _stamp(ssl.get_default_verify_paths().cafile))
+    Built once per CA file and shared (building one reads the whole store, ~25 ms, on
+    every client open otherwise); a CA file or system bundle that changed on disk since
+    (``update-ca-certificates``) gets a new one, which replaces it."""
+    system = ssl.get_default_verify_paths().cafile
+    stamp = (_stamp(ca_file), system, _stamp(system))
     with _contexts_lock:
-        context = _contexts.get(key)
-        if context is None:
-            context = _contexts[key] = _build_context(ca_file)
-    return context
+        kept = _contexts.get(ca_file)
+        if kept is None or kept[0] != stamp:
+            kept = _contexts[ca_file] = (stamp, _build_context(ca_file))
+    return kept[1]
 
 
-_contexts: dict[tuple, ssl.SSLContext] = {}
+_contexts: dict[str | None, tuple[tuple, ssl.SSLContext]] = {}
 _contexts_lock = threading.Lock()
 
 

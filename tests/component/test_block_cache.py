@@ -621,3 +621,54 @@ def test_opening_a_layer_fetches_its_tables_in_one_or_two_rounds(tmp_path, name,
         cache.close()
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+@pytest.mark.parametrize("chunk_size", [4096, 65536])
+@pytest.mark.parametrize("data_size", [(3 << 20) + (12 << 10), (8 << 20) + (4 << 10)])
+def test_a_jump_table_inside_the_tail_fill_costs_no_second_round(tmp_path, chunk_size,
+                                                                   data_size):
+    """Layers written here (ZFile, unaligned sizes, many index records): their jump tables
+    fit the open's tail fill, so nothing is fetched in a second round."""
+    from overlaybd_py.engine.layer import open_layer
+    from overlaybd_py.engine.layer_files import commit_layer
+    from overlaybd_py.engine.writable import WritableLayer
+
+    rnd = random.Random(data_size + chunk_size)
+    writable = WritableLayer.create(str(tmp_path / "d"), str(tmp_path / "i"), 64 << 20)
+    for offset in range(0, data_size, 12 << 10):  # 8 KiB runs with gaps: one record each
+        writable.write(offset, rnd.randbytes(4096) + bytes(4096))
+    writable.close()
+    commit_layer(str(tmp_path / "d"), str(tmp_path / "i"), str(tmp_path / "c"),
+                 algorithm="zstd", chunk_size=chunk_size)
+    data = (tmp_path / "c").read_bytes()
+    delay = 0.01
+
+    async def main():
+        remote = CountingSource(data, delay=delay)
+        cache = BlockCache.open(tmp_path / "cache", 0)
+        started = trio.current_time()
+        await open_layer(cache.source(remote, DIGEST), key="synthetic")
+        assert trio.current_time() - started == pytest.approx(delay), remote.requests
+        cache.close()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_a_blob_asked_for_at_another_size_is_refused_and_kept(tmp_path, blob):
+    """The same digest at another size: the request is wrong (the entry's size came from
+    the registry's answers). Before, the entry was rebuilt, dropping what was cached."""
+    from overlaybd_py.errors import DigestMismatchError
+
+    async def main():
+        cache = BlockCache.open(tmp_path, 0)
+        await cache.source(CountingSource(blob), DIGEST).read_at(0, 8192)
+        cache.close()
+        cache = BlockCache.open(tmp_path, 0)
+        with pytest.raises(DigestMismatchError, match=f"{len(blob) + 1} bytes asked for"):
+            cache.source(CountingSource(blob + b"x"), DIGEST)
+        remote = CountingSource(blob)
+        assert await cache.source(remote, DIGEST).read_at(0, 8192) == blob[:8192]
+        assert remote.requests == []  # still cached
+        cache.close()
+
+    trio.run(main)

@@ -159,10 +159,10 @@ def test_read_ahead_is_lean_while_prefetching_or_recording(image, tmp_path):
             if kind in ("lean", "wide"):
                 _touch_middle_page(target / "other/big.bin")
             node.umount(target)
-        for bad in ("1.5K", "100M", "lots"):
+        for bad in ("1.5K", "6K", "100M", "lots"):
             out = node.mount(image, tmp_path / "bad", "--read-ahead", bad, check=False)
             assert out.returncode == 2 and "--read-ahead" in out.stderr + out.stdout, bad
-        with pytest.raises(Exception, match="read-ahead must be a whole number of KiB"):
+        with pytest.raises(Exception, match="read-ahead must be a multiple of 4 KiB"):
             request(node.daemon_socket(), "mount", ref=image, target=str(tmp_path / "bad"),
                     plain_http=True, read_ahead_kb=-1)
     finally:

@@ -19,8 +19,8 @@ def test_an_asked_value_wins(asked):
     assert choose_read_ahead_kb(asked, planned=False) == asked
 
 
-@pytest.mark.parametrize("bad", [-1, 65537, True, "128", 1.5])
+@pytest.mark.parametrize("bad", [-1, 2, 65537, 65540, True, "128", 1.5])
 def test_bad_values_are_refused_by_name(bad):
-    with pytest.raises(UsageError, match=r"read-ahead must be a whole number of KiB .*"
+    with pytest.raises(UsageError, match=r"read-ahead must be a multiple of 4 KiB .*"
                                          + repr(bad).replace(".", r"\.")):
         choose_read_ahead_kb(bad, planned=False)

@@ -442,3 +442,17 @@ def test_transport_sets_tcp_nodelay():
                                     ssl.create_default_context())
         options = transport._pool._socket_options
         assert (socket.IPPROTO_TCP, socket.TCP_NODELAY, int(flag)) in options
+
+
+def test_a_416_naming_another_blob_size_is_a_size_mismatch():
+    """A range inside the size the manifest gives, refused because the blob is shorter: the
+    message names both sizes (the open's tail fetch is often the first to find out)."""
+    from overlaybd_py.errors import DigestMismatchError
+    from overlaybd_py.registry._http import check_unsatisfiable
+
+    with pytest.raises(DigestMismatchError, match="blob of 1000 bytes, expected 5000"):
+        check_unsatisfiable(416, {"content-range": "bytes */1000"}, 5000, "blob x range")
+    check_unsatisfiable(416, {"content-range": "bytes */5000"}, 5000, "same size: not ours")
+    check_unsatisfiable(416, {}, 5000, "no header")
+    check_unsatisfiable(404, {"content-range": "bytes */1000"}, 5000, "not a 416")
+    check_unsatisfiable(416, {"content-range": "bytes */1000"}, None, "size unknown")
