@@ -79,13 +79,16 @@ def _read_ahead_kb(value: str | None) -> int | None:
     """``--read-ahead SIZE`` in KiB (None: the node chooses; see mount.py)."""
     if value is None:
         return None
-    from ..mount import MAX_READAHEAD_KB
+    from ..mount import choose_read_ahead_kb
 
     size = parse_size(value, "--read-ahead")
-    if size % 4096 or size > MAX_READAHEAD_KB * 1024:
-        raise UsageError(f"--read-ahead {value}: must be a multiple of 4 KiB up to "
-                         f"{MAX_READAHEAD_KB // 1024}MiB (e.g. 128K, 8M; 0 turns it off)")
-    return size // 1024
+    try:
+        if size % 1024:
+            raise UsageError(f"read-ahead must be a multiple of 4 KiB, not {size} bytes")
+        return choose_read_ahead_kb(size // 1024, planned=False)
+    except UsageError as exc:
+        raise UsageError(f"--read-ahead {value}: {exc} (e.g. 128K, 8M; 0 turns it off)") \
+            from None
 
 
 def _report_mount(result: dict[str, Any], args: argparse.Namespace) -> None:

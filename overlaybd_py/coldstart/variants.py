@@ -445,7 +445,7 @@ class LazyPrefetch(Lazy):
     read_ahead_kb = None
 
     def setup(self, bench: Bench, run: int) -> None:
-        bench.ensure_prefetch_trace()  # untimed; records one now if no lazy run did
+        bench.ensure_prefetch_trace()  # untimed: recorded before the first prefetch run
         super().setup(bench, run)
 
     def prefetch_input(self, bench: Bench) -> Path | None:

@@ -176,8 +176,7 @@ class RegistryClient:
     """Talks OCI distribution to any number of registries. Build with :meth:`open`."""
 
     def __init__(self, config: ClientConfig, http: httpx.AsyncClient, auth: RegistryAuth,
-                 env_proxies: EnvProxies | None = None,
-                 ssl_context: ssl.SSLContext | None = None):
+                 env_proxies: EnvProxies | None = None):
         self._config = config
         self._http = http
         self._auth = auth
@@ -189,7 +188,7 @@ class RegistryClient:
                 connect_timeout=config.connect_timeout,
                 read_timeout=config.read_timeout,
                 user_agent=config.user_agent,
-                ssl_context=ssl_context or tls.ssl_context(config.ca_file),
+                ssl_context=tls.ssl_context(config.ca_file),
                 tcp_nodelay=config.tcp_nodelay,
             )
         self._slots: dict[str, trio.Semaphore] = {}
@@ -222,7 +221,7 @@ class RegistryClient:
             headers={"User-Agent": config.user_agent},
             trust_env=False,
         )
-        return cls(config, http, auth, env_proxies, context)
+        return cls(config, http, auth, env_proxies)
 
     async def aclose(self) -> None:
         if self._sockets is not None:
