@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 
+from ..convert.layout import DEFAULT_LAYOUT, LAYOUTS
 from ..convert.manifests import FLAVOURS
 from ..errors import UsageError
 from ._output import emit_json
@@ -46,7 +47,7 @@ def _convert(args: argparse.Namespace) -> int:
         raise UsageError(f"--dest {args.dest}: name a tag to push to")
     options = ConvertOptions(
         referrer=args.referrer, dest=dest, flavour=args.flavour, algorithm=args.algorithm,
-        chunk_size=args.chunk_size, level=args.level, vsize=args.vsize,
+        chunk_size=args.chunk_size, level=args.level, layout=args.layout, vsize=args.vsize,
         platform=Platform.from_spec(args.platform) if args.platform else None,
         cache_dir=None if args.no_cache else (args.cache_dir or DEFAULT_CACHE),
         work_dir=args.work_dir,
@@ -90,6 +91,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--chunk-size", type=_chunk_size, default=4096, metavar="KIB",
                    help="ZFile chunk size in KiB: 4, 8, 16, 32 or 64 (default 4)")
     add_level_option(p)
+    p.add_argument("--layout", choices=LAYOUTS, default=DEFAULT_LAYOUT,
+                   help="where files go in each layer: cold-last (default) writes sources "
+                   "and headers a start does not read (*.py next to their bytecode, *.h, "
+                   "*.c, ...) after the other files, so lazy starts fetch fewer useless "
+                   "bytes; tar keeps the layer's order")
     p.add_argument("--platform", metavar="OS/ARCH[/VARIANT]",
                    help="convert only this platform of an index (default: all)")
     p.add_argument("--vsize", type=_vsize, default=64 << 30, metavar="GIB",

@@ -38,6 +38,7 @@ from typing import Any
 
 import trio
 
+from ..convert.layout import DEFAULT_LAYOUT
 from ..errors import OverlaybdError, UsageError
 from ..mount import mounts_under
 from ..registry import ClientConfig, Reference, RegistryClient
@@ -144,9 +145,11 @@ class Bench:
                 _skopeo_copy(self.opts.overlaybd, f"docker://{obd_ref}")
             else:
                 # One tag per source and conversion flags: a cached conversion is reused
-                # only for the same image converted the same way.
+                # only for the same image converted the same way (the default layout named:
+                # conversions made before it was cold-last are tar order).
                 digest = _run_trio(self._sizes, src_ref, None)["image_digest"]
-                key = hashlib.sha256(" ".join([digest, *self.opts.convert_args]).encode())
+                key = hashlib.sha256(" ".join([digest, f"layout={DEFAULT_LAYOUT}",
+                                               *self.opts.convert_args]).encode())
                 obd_ref = f"{registry.host}/{REPO}:obd-{key.hexdigest()[:12]}"
             self.info.update(_run_trio(self._sizes, src_ref, obd_ref))
             if not self.info.get("overlaybd_image_bytes"):

@@ -49,6 +49,7 @@ from ..fusefs import BlockFs, serve_blockfs
 from ..mount import attach_loop, detach_loop, mount_ext4, unmount
 from ..registry import Reference, RegistryClient, push_referrer
 from .layer_cache import CachedLayer, LayerCache, cache_key
+from .layout import DEFAULT_LAYOUT, deferral
 from .manifests import chain_ids, converted_config, converted_manifest, diff_ids, layer_uuid
 from .normalize import normalize_ext4
 from .progress import Progress
@@ -72,6 +73,7 @@ class ConvertOptions:
     algorithm: str = "lz4"
     chunk_size: int = 4096
     level: int = 0  # compression level; 0: the original's (see formats.zfile.MAX_LEVEL)
+    layout: str = DEFAULT_LAYOUT  # where files' blocks go (convert.layout)
     vsize: int = 64 * GIB
     platform: Platform | None = None
     cache_dir: str | None = None  # None: no converted-layer cache
@@ -80,6 +82,7 @@ class ConvertOptions:
     def __post_init__(self) -> None:
         try:  # refused before any layer is downloaded, not when the first one is sealed
             zfile.check_level(self.algorithm, self.level)
+            deferral(self.layout)
         except ValueError as exc:
             raise UsageError(f"convert: {exc}") from None
 
@@ -146,7 +149,7 @@ class Converter:
             shutil.rmtree(work, ignore_errors=True)
         return {"source": {"reference": str(ref), "digest": top.descriptor.digest,
                            "mediaType": top.descriptor.media_type},
-                "pushed": pushed, "platforms": platforms,
+                "pushed": pushed, "platforms": platforms, "layout": self.options.layout,
                 "seconds": round(time.monotonic() - started, 3)}
 
     async def _convert_single(self, ref: Reference, fetched) -> tuple[list, list]:
@@ -256,7 +259,7 @@ class Converter:
     def _key(self, layer: _Layer) -> str:
         o = self.options
         return cache_key(layer.chain_id, algorithm=o.algorithm, chunk_size=o.chunk_size,
-                         vsize=o.vsize, level=o.level)
+                         vsize=o.vsize, level=o.level, layout=o.layout)
 
     async def _apply(self, ref: Reference, layer: _Layer, lowers: list[Layer]) -> WritableLayer:
         """Apply the source layer on a new writable layer over ``lowers``; return it closed
@@ -288,7 +291,8 @@ class Converter:
                         self.progress.phase(i, "apply", layer.source.size)
                         consume = partial(_pinned_apply, root=str(target),
                                           layer=layer.source.digest,
-                                          vsize_limit=self.options.vsize)
+                                          vsize_limit=self.options.vsize,
+                                          defer=deferral(self.options.layout))
                         layer.stats = await stream_layer_into(
                             self.client, ref, layer.source, consume,
                             on_progress=partial(self.progress.bytes, i))

@@ -1,8 +1,8 @@
 """The converted-layer cache: skip layers converted before, reuse blobs across repositories.
 
 An entry is keyed by the source layer's chainID plus every option that changes the output
-(algorithm, chunk size, compression level when not the default, virtual size, our format
-version). It is valid only on top of the
+(algorithm, chunk size, compression level when not the default, file layout when not tar
+order, virtual size, our format version). It is valid only on top of the
 exact converted layer it was built on (``lower``), because the ext4 it extends must be the
 same bytes; the converter therefore uses hits only for a prefix of the image's layers.
 Entries are published atomically (blob, then its JSON record, both renamed into place).
@@ -28,11 +28,13 @@ FORMAT = 1
 
 
 def cache_key(chain_id: str, *, algorithm: str, chunk_size: int, vsize: int,
-              level: int = 0) -> str:
+              level: int = 0, layout: str = "tar") -> str:
     fields = {"format": FORMAT, "chain_id": chain_id, "algorithm": algorithm,
               "chunk_size": chunk_size, "vsize": vsize}
     if level:  # absent at the default level: keys made before levels existed still match
         fields["level"] = level
+    if layout != "tar":  # absent for tar order: what every layer had before layouts
+        fields["layout"] = layout
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 

@@ -28,6 +28,7 @@ import logging
 import os
 import stat
 import tarfile
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO
@@ -76,11 +77,24 @@ def _clean(name: str) -> str | None:
     return "/".join(parts)
 
 
+@dataclass
+class _Deferred:
+    path: str
+    ino: int
+    offset: int  # in the spool
+    size: int
+    name: str  # the tar entry, for errors
+
+
 class _Applier:
-    def __init__(self, root: str, layer: str, vsize_limit: int) -> None:
+    def __init__(self, root: str, layer: str, vsize_limit: int,
+                 defer: Callable[[str], bool] | None = None) -> None:
         self.root = os.path.realpath(root)
         self.layer = layer
         self.limit = vsize_limit
+        self.defer = defer
+        self.deferred: dict[str, _Deferred] = {}  # by path, in the order they are written
+        self.spool: IO[bytes] | None = None  # the deferred files' data
         self.stats = ApplyStatistics()
         self.dir_times: list[tuple[str, int]] = []  # directories listed in this layer
         self.kept_times: dict[str, int] = {}  # directories changed but not listed
@@ -173,6 +187,7 @@ class _Applier:
                 child = os.path.join(parent, name)
                 if child not in self.stats.unpacked:
                     self.touch(parent)
+                    self.forget(child)
                     self._remove(child)
             return
         name = base[len(WHITEOUT_PREFIX):]
@@ -180,6 +195,7 @@ class _Applier:
             raise self.error(entry, "whiteout of an empty or dot name")
         if os.path.lexists(os.path.join(parent, name)):
             self.touch(parent)
+            self.forget(os.path.join(parent, name))
             self._remove(os.path.join(parent, name))
 
     # -- entries ------------------------------------------------------------------------------
@@ -205,6 +221,7 @@ class _Applier:
                 raise
             except OSError as exc:
                 raise self.error(member.name, exc.strerror or str(exc)) from None
+        self._write_deferred()
         listed = {path for path, _ in self.dir_times}
         for path, mtime in self.kept_times.items():
             if path not in listed and os.path.isdir(path) and not os.path.islink(path):
@@ -225,6 +242,7 @@ class _Applier:
             self.touch(parent)
         if member.isdir():
             if existing is not None and not stat.S_ISDIR(existing.st_mode):
+                self.forget(path)
                 os.unlink(path)
                 existing = None
             if existing is None:
@@ -234,8 +252,10 @@ class _Applier:
             if existing is not None:
                 # Replacing: a directory becomes a file, or a file is rewritten.
                 if stat.S_ISDIR(existing.st_mode):
+                    self.forget(path)
                     self._remove(path)
                 elif not member.islnk():
+                    self.forget(path)
                     os.unlink(path)
             if member.isreg():
                 self._regular(tar, member, path)
@@ -262,7 +282,10 @@ class _Applier:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                      0o600)
         try:
-            written = _copy_sparse(source, fd, member.size)
+            if self.defer is not None and self.defer(path):
+                written = self._spool(source, fd, member, path)
+            else:
+                written = _copy_sparse(source, fd, member.size)
         except (tarfile.TarError, EOFError) as exc:
             raise self.error(member.name, f"truncated or corrupt data ({exc})") from None
         finally:
@@ -271,6 +294,59 @@ class _Applier:
             raise self.error(member.name, f"stream ended after {written} of {member.size} bytes")
         self.stats.files += 1
         self.stats.bytes_written += member.size
+
+    def _spool(self, source: IO[bytes], fd: int, member: tarfile.TarInfo, path: str) -> int:
+        """Keep a deferred file's data aside; the file stays empty until the layer ends."""
+        if self.spool is None:
+            # closed by apply_tar when the layer is done
+            self.spool = tempfile.TemporaryFile(prefix="overlaybd-py-deferred-")  # noqa: SIM115
+        offset = self.spool.seek(0, os.SEEK_END)
+        copied = 0
+        while copied < member.size:
+            data = source.read(min(_WRITE_BLOCK, member.size - copied))
+            if not data:
+                break
+            self.spool.write(data)
+            copied += len(data)
+        self.deferred[path] = _Deferred(path, os.fstat(fd).st_ino, offset, copied, member.name)
+        return copied
+
+    def forget(self, path: str) -> None:
+        """``path`` (and whatever is below it) is about to be removed or replaced: its
+        deferred data, if any, must not land in what takes its place."""
+        if not self.deferred:
+            return
+        below = path + "/"
+        for key in [k for k in self.deferred if k == path or k.startswith(below)]:
+            del self.deferred[key]
+
+    def _write_deferred(self) -> None:
+        """Write the deferred files' data, after every other file of the layer, in tar
+        order; each keeps the mode and times its entries gave it. (Files a later entry
+        removed or replaced were forgotten then: anything else here is a bug, refused.)"""
+        spool = self.spool
+        for item in self.deferred.values():
+            assert spool is not None
+            try:
+                fd = os.open(item.path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except OSError as exc:
+                raise self.error(item.name, f"cannot write its deferred data: "
+                                            f"{exc.strerror or exc}") from None
+            try:
+                st = os.fstat(fd)
+                if st.st_ino != item.ino or not stat.S_ISREG(st.st_mode):
+                    raise self.error(item.name, "replaced before its deferred data was written")
+                spool.seek(item.offset)
+                written = _copy_sparse(spool, fd, item.size)
+                if written != item.size:
+                    raise self.error(item.name, "deferred data lost: the spool file is short")
+                os.fchmod(fd, stat.S_IMODE(st.st_mode))  # a write may clear setuid/setgid
+                os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
+            except OSError as exc:
+                raise self.error(item.name, exc.strerror or str(exc)) from None
+            finally:
+                os.close(fd)
+        self.deferred.clear()
 
     def _hardlink(self, member: tarfile.TarInfo, path: str, existing) -> None:
         target_rel = _clean(member.linkname)
@@ -291,6 +367,7 @@ class _Applier:
         if existing is not None:
             if os.path.samestat(existing, target_st):
                 return  # already that inode (a tar listing the same link twice)
+            self.forget(path)
             os.unlink(path)
         os.link(target, path, follow_symlinks=False)
         self.stats.hardlinks += 1
@@ -357,14 +434,17 @@ def _copy_sparse(source: IO[bytes], fd: int, size: int) -> int:
 
 
 def apply_tar(stream: IO[bytes], root: str, *, layer: str, vsize_limit: int = 1 << 62,
-              on_entry: Callable[[ApplyStatistics], None] | None = None) -> ApplyStatistics:
+              on_entry: Callable[[ApplyStatistics], None] | None = None,
+              defer: Callable[[str], bool] | None = None) -> ApplyStatistics:
     """Apply the uncompressed tar ``stream`` (read sequentially) onto ``root``.
 
-    ``layer`` names the layer (its digest) in errors. Raises LayerApplyError for malformed,
-    truncated or hostile archives; the tree may then hold part of the layer (callers apply
-    into a scratch layer that they discard on error).
+    ``defer(path)`` picks regular files whose data is written after every other file's
+    (``convert.layout``: where their blocks go, nothing else; the data waits in a temporary
+    file meanwhile). ``layer`` names the layer (its digest) in errors. Raises
+    LayerApplyError for malformed, truncated or hostile archives; the tree may then hold
+    part of the layer (callers apply into a scratch layer that they discard on error).
     """
-    applier = _Applier(root, layer, vsize_limit)
+    applier = _Applier(root, layer, vsize_limit, defer)
     try:
         with tarfile.open(fileobj=stream, mode="r|", format=tarfile.PAX_FORMAT,
                           encoding="utf-8", errors="surrogateescape") as tar:
@@ -374,3 +454,6 @@ def apply_tar(stream: IO[bytes], root: str, *, layer: str, vsize_limit: int = 1 
     except (tarfile.TarError, EOFError) as exc:
         raise LayerApplyError(f"layer {layer}: malformed or truncated tar after "
                               f"{applier.stats.entries} entries: {exc}") from None
+    finally:
+        if applier.spool is not None:
+            applier.spool.close()

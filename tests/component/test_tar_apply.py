@@ -5,13 +5,16 @@ from __future__ import annotations
 import io
 import os
 import stat
+import subprocess
 import tarfile
 from pathlib import Path
 
 import pytest
 
+from overlaybd_py.convert.layout import cold_file, deferral
 from overlaybd_py.convert.tar_apply import LayerApplyError, apply_tar
-from tests.fixtures.system import need_root
+from overlaybd_py.engine.prefetch import device_ranges_of_paths
+from tests.fixtures.system import need_program, need_root
 from tests.fixtures.tars import make_tar
 
 
@@ -161,3 +164,124 @@ def test_security_capability_xattr(root):
     apply(root, [{"name": "ping", "data": b"\x7fELF", "mode": 0o755,
                   "xattrs": {"security.capability": raw}}])
     assert os.getxattr(root / "ping", "security.capability") == cap
+
+
+# -- cold-last layout: deferred files ---------------------------------------------------------
+
+def _tree(root: Path) -> dict[str, tuple]:
+    """Everything a layer can set on each path (times in ns), for comparing two trees."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in sorted(dirnames + filenames):
+            path = os.path.join(dirpath, name)
+            st = os.lstat(path)
+            if stat.S_ISLNK(st.st_mode):
+                body = os.readlink(path)
+            elif stat.S_ISREG(st.st_mode):
+                body = Path(path).read_bytes()
+            else:
+                body = None
+            xattrs = {} if stat.S_ISLNK(st.st_mode) else {
+                k: os.getxattr(path, k) for k in os.listxattr(path)}
+            out[os.path.relpath(path, root)] = (st.st_mode, st.st_uid, st.st_gid, st.st_nlink,
+                                                st.st_size, st.st_mtime_ns, body, xattrs)
+    return out
+
+
+COLD_LAYER = [
+    {"name": "pkg", "type": "dir"},
+    {"name": "pkg/mod.py", "data": b"print(1)\n" * 1000, "uid": 5, "gid": 6,
+     "xattrs": {"user.k": "v"}, "mtime": 1_600_000_000},
+    {"name": "pkg/tool.py", "data": b"x" + bytes(1 << 20) + b"y", "mode": 0o4755},
+    {"name": "pkg/same.py", "type": "link", "link": "pkg/mod.py", "mode": 0o600, "uid": 7},
+    {"name": "pkg/mod.so", "data": b"\x7fELF" + bytes(5000)},
+    {"name": "pkg/replaced.py", "data": b"old"},
+    {"name": "pkg/replaced.py", "data": b"new"},  # a later entry wins, deferred or not
+    {"name": "pkg/gone.py", "data": b"gone"},
+    {"name": "pkg/gone.py", "type": "sym", "link": "mod.py"},
+    {"name": "pkg/sub/x.py", "data": b"x"},
+    {"name": "pkg/sub", "data": b"now a file"},  # the deferred file's directory goes
+    {"name": "pkg/sub.h", "data": b"later", "mode": 0o444},
+    {"name": "pkg/empty.py", "data": b""},
+    {"name": "pkg/__pycache__/mod.cpython-311.pyc", "data": b"pyc"},
+]
+
+
+def test_deferred_files_end_up_as_without_deferral(root, tmp_path):
+    """Writing cold files' data at the end of the layer changes where their blocks go,
+    nothing else: contents, holes, modes (setuid), owners, xattrs, hard links, times, and
+    later entries that replace a deferred file or its directory all come out the same."""
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    apply(plain, COLD_LAYER)
+    stats = apply_tar(io.BytesIO(make_tar(COLD_LAYER)), str(root), layer="sha256:test",
+                      defer=cold_file)
+    assert _tree(root) == _tree(plain)
+    assert (root / "pkg/mod.py").read_bytes() == b"print(1)\n" * 1000
+    assert (root / "pkg/same.py").stat().st_nlink == 2
+    assert stat.S_IMODE((root / "pkg/tool.py").stat().st_mode) == 0o4755
+    assert (root / "pkg/tool.py").stat().st_blocks * 512 < 64 << 10  # the hole survived
+    assert (root / "pkg/replaced.py").read_bytes() == b"new"
+    assert os.readlink(root / "pkg/gone.py") == "mod.py"
+    assert (root / "pkg/sub").read_bytes() == b"now a file"
+    assert stats.files == sum(1 for e in COLD_LAYER if e.get("type", "file") == "file")
+
+
+def _first_blocks(mnt: Path, names: list[str]) -> dict[str, int]:
+    out = {}
+    for name in names:
+        ranges = device_ranges_of_paths(str(mnt), [name])
+        assert ranges, name
+        out[name] = ranges[0][0] // 4096
+    return out
+
+
+@pytest.mark.parametrize("layout", ["cold-last", "tar"])
+def test_cold_last_writes_cold_files_after_the_rest_of_the_layer(tmp_path, layout):
+    """On a real ext4 mounted as the converter mounts it (nodelalloc, one CPU), cold-last
+    puts every source file's blocks after every other file's; tar order interleaves them."""
+    need_root()
+    need_program("mkfs.ext4")
+    image = tmp_path / "fs.img"
+    with open(image, "wb") as f:
+        f.truncate(256 << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-b", "4096", str(image)], check=True)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    loop = subprocess.run(["losetup", "--find", "--show", str(image)], check=True,
+                          capture_output=True, text=True).stdout.strip()
+    try:
+        subprocess.run(["mount", "-o", "nodelalloc", loop, str(mnt)], check=True)
+        try:
+            entries, hot, cold = [], [], []
+            for i in range(12):
+                for name in (f"pkg/m{i}.py", f"pkg/__pycache__/m{i}.cpython-311.pyc",
+                             f"pkg/m{i}.so", f"include/m{i}.h"):
+                    entries.append({"name": name, "data": os.urandom(12288)})
+                    (cold if cold_file(name) else hot).append(name)
+            previous = os.sched_getaffinity(0)
+            os.sched_setaffinity(0, {min(previous)})
+            try:
+                apply_tar(io.BytesIO(make_tar(entries)), str(mnt), layer="sha256:test",
+                          defer=deferral(layout))
+            finally:
+                os.sched_setaffinity(0, previous)
+            os.sync()
+            blocks = _first_blocks(mnt, hot + cold)
+        finally:
+            subprocess.run(["umount", str(mnt)], check=True)
+    finally:
+        subprocess.run(["losetup", "--detach", loop], check=True)
+    last_hot = max(blocks[n] for n in hot)
+    first_cold = min(blocks[n] for n in cold)
+    if layout == "cold-last":
+        assert first_cold > last_hot
+        # Among themselves, the cold files keep tar order.
+        assert [blocks[n] for n in cold] == sorted(blocks[n] for n in cold)
+    else:
+        assert first_cold < last_hot
+
+
+def test_unknown_layouts_are_refused_by_name():
+    with pytest.raises(ValueError, match="unknown layout 'random': use one of cold-last, tar"):
+        deferral("random")

@@ -40,3 +40,19 @@ def test_the_level_is_part_of_the_cache_key_but_not_at_the_default():
     # Layers converted before levels existed keep their key.
     assert key() == key(level=0)
     assert key(level=9) != key() and key(level=9) != key(level=19)
+
+
+def test_the_layout_is_part_of_the_cache_key_but_not_for_tar_order():
+    def key(**kw):
+        return cache_key(CHAIN, algorithm="lz4", chunk_size=4096, vsize=64 << 30, **kw)
+
+    # Layers converted before layouts existed were in tar order: they keep their key.
+    assert key() == key(layout="tar")
+    assert key(layout="cold-last") != key()
+
+
+def test_an_unknown_layout_is_refused_up_front():
+    assert ConvertOptions().layout == "cold-last"
+    with pytest.raises(UsageError, match="convert: unknown layout 'sorted': use one of "
+                                         "cold-last, tar"):
+        ConvertOptions(layout="sorted")
