@@ -292,7 +292,8 @@ class Converter:
                         consume = partial(_pinned_apply, root=str(target),
                                           layer=layer.source.digest,
                                           vsize_limit=self.options.vsize,
-                                          defer=deferral(self.options.layout))
+                                          defer=deferral(self.options.layout),
+                                          spool_dir=str(layer.dir))
                         layer.stats = await stream_layer_into(
                             self.client, ref, layer.source, consume,
                             on_progress=partial(self.progress.bytes, i))

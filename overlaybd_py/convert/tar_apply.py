@@ -88,13 +88,15 @@ class _Deferred:
 
 class _Applier:
     def __init__(self, root: str, layer: str, vsize_limit: int,
-                 defer: Callable[[str], bool] | None = None) -> None:
+                 defer: Callable[[str], bool] | None = None,
+                 spool_dir: str | None = None) -> None:
         self.root = os.path.realpath(root)
         self.layer = layer
         self.limit = vsize_limit
         self.defer = defer
         self.deferred: dict[str, _Deferred] = {}  # by path, in the order they are written
         self.spool: IO[bytes] | None = None  # the deferred files' data
+        self.spool_dir = spool_dir
         self.stats = ApplyStatistics()
         self.dir_times: list[tuple[str, int]] = []  # directories listed in this layer
         self.kept_times: dict[str, int] = {}  # directories changed but not listed
@@ -299,7 +301,8 @@ class _Applier:
         """Keep a deferred file's data aside; the file stays empty until the layer ends."""
         if self.spool is None:
             # closed by apply_tar when the layer is done
-            self.spool = tempfile.TemporaryFile(prefix="overlaybd-py-deferred-")  # noqa: SIM115
+            self.spool = tempfile.TemporaryFile(  # noqa: SIM115
+                prefix="overlaybd-py-deferred-", dir=self.spool_dir)
         offset = self.spool.seek(0, os.SEEK_END)
         copied = 0
         while copied < member.size:
@@ -336,11 +339,17 @@ class _Applier:
                 st = os.fstat(fd)
                 if st.st_ino != item.ino or not stat.S_ISREG(st.st_mode):
                     raise self.error(item.name, "replaced before its deferred data was written")
+                # A write clears setuid/setgid and file capabilities (security.capability,
+                # whoever writes): put back what the entries set.
+                xattrs = {name: os.getxattr(fd, name) for name in os.listxattr(fd)}
                 spool.seek(item.offset)
                 written = _copy_sparse(spool, fd, item.size)
                 if written != item.size:
                     raise self.error(item.name, "deferred data lost: the spool file is short")
-                os.fchmod(fd, stat.S_IMODE(st.st_mode))  # a write may clear setuid/setgid
+                os.fchmod(fd, stat.S_IMODE(st.st_mode))
+                for name, value in xattrs.items():
+                    if name not in os.listxattr(fd) or os.getxattr(fd, name) != value:
+                        os.setxattr(fd, name, value)
                 os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
             except OSError as exc:
                 raise self.error(item.name, exc.strerror or str(exc)) from None
@@ -435,16 +444,18 @@ def _copy_sparse(source: IO[bytes], fd: int, size: int) -> int:
 
 def apply_tar(stream: IO[bytes], root: str, *, layer: str, vsize_limit: int = 1 << 62,
               on_entry: Callable[[ApplyStatistics], None] | None = None,
-              defer: Callable[[str], bool] | None = None) -> ApplyStatistics:
+              defer: Callable[[str], bool] | None = None,
+              spool_dir: str | None = None) -> ApplyStatistics:
     """Apply the uncompressed tar ``stream`` (read sequentially) onto ``root``.
 
     ``defer(path)`` picks regular files whose data is written after every other file's
     (``convert.layout``: where their blocks go, nothing else; the data waits in a temporary
-    file meanwhile). ``layer`` names the layer (its digest) in errors. Raises
-    LayerApplyError for malformed, truncated or hostile archives; the tree may then hold
-    part of the layer (callers apply into a scratch layer that they discard on error).
+    file in ``spool_dir``, default ``$TMPDIR``, meanwhile). ``layer`` names the layer (its
+    digest) in errors. Raises LayerApplyError for malformed, truncated or hostile archives;
+    the tree may then hold part of the layer (callers apply into a scratch layer that they
+    discard on error).
     """
-    applier = _Applier(root, layer, vsize_limit, defer)
+    applier = _Applier(root, layer, vsize_limit, defer, spool_dir)
     try:
         with tarfile.open(fileobj=stream, mode="r|", format=tarfile.PAX_FORMAT,
                           encoding="utf-8", errors="surrogateescape") as tar:

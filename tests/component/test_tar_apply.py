@@ -204,6 +204,10 @@ COLD_LAYER = [
     {"name": "pkg/sub.h", "data": b"later", "mode": 0o444},
     {"name": "pkg/empty.py", "data": b""},
     {"name": "pkg/__pycache__/mod.cpython-311.pyc", "data": b"pyc"},
+    # a write clears file capabilities, whoever writes: the deferred write must not
+    {"name": "pkg/capable.py", "data": b"#!/usr/bin/python3\n", "mode": 0o755,
+     "xattrs": {"security.capability": bytes.fromhex("0100000200c00000000000000000000000000000"
+                                                      ).decode("utf-8", "surrogateescape")}},
 ]
 
 
@@ -224,6 +228,7 @@ def test_deferred_files_end_up_as_without_deferral(root, tmp_path):
     assert (root / "pkg/replaced.py").read_bytes() == b"new"
     assert os.readlink(root / "pkg/gone.py") == "mod.py"
     assert (root / "pkg/sub").read_bytes() == b"now a file"
+    assert os.getxattr(root / "pkg/capable.py", "security.capability")[:4] == b"\x01\x00\x00\x02"
     assert stats.files == sum(1 for e in COLD_LAYER if e.get("type", "file") == "file")
 
 
