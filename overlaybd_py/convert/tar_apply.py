@@ -84,6 +84,9 @@ class _Deferred:
     offset: int  # in the spool
     size: int
     name: str  # the tar entry, for errors
+    # xattr values as the entries gave them (a write clears security.capability, and reading
+    # it back gives the kernel's translation, not the bytes stored)
+    xattrs: dict[str, bytes] = field(default_factory=dict)
 
 
 class _Applier:
@@ -95,6 +98,7 @@ class _Applier:
         self.limit = vsize_limit
         self.defer = defer
         self.deferred: dict[str, _Deferred] = {}  # by path, in the order they are written
+        self.deferred_inodes: dict[int, _Deferred] = {}  # the same, by inode number
         self.spool: IO[bytes] | None = None  # the deferred files' data
         self.spool_dir = spool_dir
         self.stats = ApplyStatistics()
@@ -189,7 +193,7 @@ class _Applier:
                 child = os.path.join(parent, name)
                 if child not in self.stats.unpacked:
                     self.touch(parent)
-                    self.forget(child)
+                    self.forget(child, tree=_is_dir(child))
                     self._remove(child)
             return
         name = base[len(WHITEOUT_PREFIX):]
@@ -197,7 +201,7 @@ class _Applier:
             raise self.error(entry, "whiteout of an empty or dot name")
         if os.path.lexists(os.path.join(parent, name)):
             self.touch(parent)
-            self.forget(os.path.join(parent, name))
+            self.forget(os.path.join(parent, name), tree=_is_dir(os.path.join(parent, name)))
             self._remove(os.path.join(parent, name))
 
     # -- entries ------------------------------------------------------------------------------
@@ -254,8 +258,9 @@ class _Applier:
             if existing is not None:
                 # Replacing: a directory becomes a file, or a file is rewritten.
                 if stat.S_ISDIR(existing.st_mode):
-                    self.forget(path)
+                    self.forget(path, tree=True)
                     self._remove(path)
+                    existing = None
                 elif not member.islnk():
                     self.forget(path)
                     os.unlink(path)
@@ -284,7 +289,7 @@ class _Applier:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                      0o600)
         try:
-            if self.defer is not None and self.defer(path):
+            if self.defer is not None and member.size and self.defer(path):
                 written = self._spool(source, fd, member, path)
             else:
                 written = _copy_sparse(source, fd, member.size)
@@ -311,51 +316,61 @@ class _Applier:
                 break
             self.spool.write(data)
             copied += len(data)
-        self.deferred[path] = _Deferred(path, os.fstat(fd).st_ino, offset, copied, member.name)
+        self.spool.flush()  # a full disk shows here, on this entry
+        item = _Deferred(path, os.fstat(fd).st_ino, offset, copied, member.name)
+        self.deferred[path] = self.deferred_inodes[item.ino] = item
         return copied
 
-    def forget(self, path: str) -> None:
-        """``path`` (and whatever is below it) is about to be removed or replaced: its
-        deferred data, if any, must not land in what takes its place."""
+    def forget(self, path: str, *, tree: bool = False) -> None:
+        """``path`` (with ``tree``, everything below it too) is about to be removed or
+        replaced: its deferred data must not land in what takes its place. A file that
+        keeps another name (a hard link of this layer) gets its data now instead."""
         if not self.deferred:
             return
-        below = path + "/"
-        for key in [k for k in self.deferred if k == path or k.startswith(below)]:
-            del self.deferred[key]
+        items = [self.deferred.pop(path)] if path in self.deferred else []
+        if tree:
+            below = path + "/"
+            items += [self.deferred.pop(k) for k in list(self.deferred) if k.startswith(below)]
+        for item in items:
+            if os.lstat(item.path).st_nlink > 1:
+                self._write(item)
+            else:
+                del self.deferred_inodes[item.ino]
 
     def _write_deferred(self) -> None:
         """Write the deferred files' data, after every other file of the layer, in tar
-        order; each keeps the mode and times its entries gave it. (Files a later entry
-        removed or replaced were forgotten then: anything else here is a bug, refused.)"""
-        spool = self.spool
-        for item in self.deferred.values():
-            assert spool is not None
-            try:
-                fd = os.open(item.path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            except OSError as exc:
-                raise self.error(item.name, f"cannot write its deferred data: "
-                                            f"{exc.strerror or exc}") from None
-            try:
-                st = os.fstat(fd)
-                if st.st_ino != item.ino or not stat.S_ISREG(st.st_mode):
-                    raise self.error(item.name, "replaced before its deferred data was written")
-                # A write clears setuid/setgid and file capabilities (security.capability,
-                # whoever writes): put back what the entries set.
-                xattrs = {name: os.getxattr(fd, name) for name in os.listxattr(fd)}
-                spool.seek(item.offset)
-                written = _copy_sparse(spool, fd, item.size)
-                if written != item.size:
-                    raise self.error(item.name, "deferred data lost: the spool file is short")
-                os.fchmod(fd, stat.S_IMODE(st.st_mode))
-                for name, value in xattrs.items():
-                    if name not in os.listxattr(fd) or os.getxattr(fd, name) != value:
-                        os.setxattr(fd, name, value)
-                os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
-            except OSError as exc:
-                raise self.error(item.name, exc.strerror or str(exc)) from None
-            finally:
-                os.close(fd)
+        order. (Files a later entry removed or replaced were forgotten then: anything else
+        here is a bug, refused.)"""
+        for item in list(self.deferred.values()):
+            self._write(item)
         self.deferred.clear()
+
+    def _write(self, item: _Deferred) -> None:
+        """Write one deferred file's data; it keeps the mode, xattrs and times its entries
+        gave it (a write clears setuid/setgid and security.capability, whoever writes)."""
+        assert self.spool is not None
+        del self.deferred_inodes[item.ino]
+        try:
+            fd = os.open(item.path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as exc:
+            raise self.error(item.name, f"cannot write its deferred data: "
+                                        f"{exc.strerror or exc}") from None
+        try:
+            st = os.fstat(fd)
+            if st.st_ino != item.ino or not stat.S_ISREG(st.st_mode):
+                raise self.error(item.name, "replaced before its deferred data was written")
+            self.spool.seek(item.offset)
+            written = _copy_sparse(self.spool, fd, item.size)
+            if written != item.size:
+                raise self.error(item.name, "deferred data lost: the spool file is short")
+            os.fchmod(fd, stat.S_IMODE(st.st_mode))
+            for name, raw in item.xattrs.items():
+                os.setxattr(fd, name, raw)
+            os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
+        except OSError as exc:
+            raise self.error(item.name, exc.strerror or str(exc)) from None
+        finally:
+            os.close(fd)
 
     def _hardlink(self, member: tarfile.TarInfo, path: str, existing) -> None:
         target_rel = _clean(member.linkname)
@@ -386,6 +401,9 @@ class _Applier:
         os.chown(path, member.uid, member.gid, follow_symlinks=False)
         if not symlink:
             os.chmod(path, stat.S_IMODE(member.mode))  # after chown: keeps setuid/setgid
+        deferred = None
+        if self.deferred_inodes and not is_dir and not symlink:
+            deferred = self.deferred_inodes.get(os.lstat(path).st_ino)
         for key, value in member.pax_headers.items():
             if key.startswith(_XATTR_PREFIX):
                 name = key[len(_XATTR_PREFIX):]
@@ -397,11 +415,20 @@ class _Applier:
                     if exc.errno in (errno.ENOTSUP, errno.EPERM) and symlink:
                         continue  # user.* xattrs are not allowed on symlinks
                     raise
+                if deferred is not None:
+                    deferred.xattrs[name] = raw
         mtime = int(member.mtime * 1_000_000_000)
         if is_dir:
             self.dir_times.append((path, mtime))
         else:
             os.utime(path, ns=(mtime, mtime), follow_symlinks=False)
+
+
+def _is_dir(path: str) -> bool:
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return False
 
 
 def _climbs_out(done: list[str], target: str) -> bool:
@@ -448,7 +475,8 @@ def apply_tar(stream: IO[bytes], root: str, *, layer: str, vsize_limit: int = 1 
               spool_dir: str | None = None) -> ApplyStatistics:
     """Apply the uncompressed tar ``stream`` (read sequentially) onto ``root``.
 
-    ``defer(path)`` picks regular files whose data is written after every other file's
+    ``defer(path)`` (``path``: the real path under ``root``) picks regular files whose data
+    is written after every other file's
     (``convert.layout``: where their blocks go, nothing else; the data waits in a temporary
     file in ``spool_dir``, default ``$TMPDIR``, meanwhile). ``layer`` names the layer (its
     digest) in errors. Raises LayerApplyError for malformed, truncated or hostile archives;

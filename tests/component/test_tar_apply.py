@@ -204,6 +204,19 @@ COLD_LAYER = [
     {"name": "pkg/sub.h", "data": b"later", "mode": 0o444},
     {"name": "pkg/empty.py", "data": b""},
     {"name": "pkg/__pycache__/mod.cpython-311.pyc", "data": b"pyc"},
+    # a deferred file replaced or whited out while a hard link keeps it: the link keeps
+    # the data
+    {"name": "pkg/orig.py", "data": b"hello"},
+    {"name": "pkg/alias.so", "type": "link", "link": "pkg/orig.py"},
+    {"name": "pkg/orig.py", "data": b"new"},
+    {"name": "pkg/w.py", "data": b"kept by its link"},
+    {"name": "pkg/w2.py", "type": "link", "link": "pkg/w.py"},
+    {"name": "pkg/.wh.w.py"},
+    {"name": "pkg/d/in.py", "data": b"kept too"},
+    {"name": "pkg/d-link.py", "type": "link", "link": "pkg/d/in.py"},
+    {"name": "pkg/d", "type": "sym", "link": "sub"},
+    {"name": "pkg/dir2", "type": "dir"},
+    {"name": "pkg/dir2", "type": "link", "link": "pkg/mod.so"},  # a link replaces a directory
     # a write clears file capabilities, whoever writes: the deferred write must not
     {"name": "pkg/capable.py", "data": b"#!/usr/bin/python3\n", "mode": 0o755,
      "xattrs": {"security.capability": bytes.fromhex("0100000200c00000000000000000000000000000"
@@ -229,7 +242,11 @@ def test_deferred_files_end_up_as_without_deferral(root, tmp_path):
     assert os.readlink(root / "pkg/gone.py") == "mod.py"
     assert (root / "pkg/sub").read_bytes() == b"now a file"
     assert os.getxattr(root / "pkg/capable.py", "security.capability")[:4] == b"\x01\x00\x00\x02"
-    assert stats.files == sum(1 for e in COLD_LAYER if e.get("type", "file") == "file")
+    assert (root / "pkg/alias.so").read_bytes() == b"hello"
+    assert (root / "pkg/w2.py").read_bytes() == b"kept by its link"
+    assert (root / "pkg/d-link.py").read_bytes() == b"kept too"
+    assert stats.files == sum(1 for e in COLD_LAYER if e.get("type", "file") == "file"
+                              and ".wh." not in e["name"])
 
 
 def _first_blocks(mnt: Path, names: list[str]) -> dict[str, int]:
@@ -247,6 +264,7 @@ def test_cold_last_writes_cold_files_after_the_rest_of_the_layer(tmp_path, layou
     puts every source file's blocks after every other file's; tar order interleaves them."""
     need_root()
     need_program("mkfs.ext4")
+    need_program("debugfs")
     image = tmp_path / "fs.img"
     with open(image, "wb") as f:
         f.truncate(256 << 20)
@@ -264,6 +282,12 @@ def test_cold_last_writes_cold_files_after_the_rest_of_the_layer(tmp_path, layou
                              f"pkg/m{i}.so", f"include/m{i}.h"):
                     entries.append({"name": name, "data": os.urandom(12288)})
                     (cold if cold_file(name) else hot).append(name)
+            # A version-3 file capability for root: reading it back gives the kernel's
+            # version-2 translation; the bytes stored must stay the entry's.
+            cap_v3 = bytes.fromhex("010000030020000000000000000000000000000000000000")
+            entries.append({"name": "bin/capable.py", "data": b"#!/bin/sh\n", "mode": 0o755,
+                            "xattrs": {"security.capability":
+                                       cap_v3.decode("utf-8", "surrogateescape")}})
             previous = os.sched_getaffinity(0)
             os.sched_setaffinity(0, {min(previous)})
             try:
@@ -277,6 +301,9 @@ def test_cold_last_writes_cold_files_after_the_rest_of_the_layer(tmp_path, layou
             subprocess.run(["umount", str(mnt)], check=True)
     finally:
         subprocess.run(["losetup", "--detach", loop], check=True)
+    stored = subprocess.run(["debugfs", "-R", "ea_get -x /bin/capable.py security.capability",
+                             str(image)], check=True, capture_output=True, text=True).stdout
+    assert stored.split("=", 1)[1].split() == [f"{b:02x}" for b in cap_v3]
     last_hot = max(blocks[n] for n in hot)
     first_cold = min(blocks[n] for n in cold)
     if layout == "cold-last":
