@@ -199,10 +199,11 @@ class _Applier:
         name = base[len(WHITEOUT_PREFIX):]
         if not name or name in (".", ".."):
             raise self.error(entry, "whiteout of an empty or dot name")
-        if os.path.lexists(os.path.join(parent, name)):
+        hidden = os.path.join(parent, name)
+        if os.path.lexists(hidden):
             self.touch(parent)
-            self.forget(os.path.join(parent, name), tree=_is_dir(os.path.join(parent, name)))
-            self._remove(os.path.join(parent, name))
+            self.forget(hidden, tree=_is_dir(hidden))
+            self._remove(hidden)
 
     # -- entries ------------------------------------------------------------------------------
 
