@@ -128,6 +128,11 @@ def _intersection_length(xs: list[tuple[float, float]], ys: list[tuple[float, fl
     return total
 
 
+def _requests(fetches: list[tracefmt.FetchEvent]) -> int:
+    """HTTP requests behind fetch events (the ranges of one multi-range request share it)."""
+    return len({f.id if f.request is None else -f.request for f in fetches})
+
+
 def summarize(loaded: LoadedTrace) -> TraceSummary:
     records = list(loaded.trace.records) if loaded.trace else []
     if not records and loaded.log is not None:  # the log alone: rebuild the records
@@ -168,8 +173,8 @@ def summarize(loaded: LoadedTrace) -> TraceSummary:
     return TraceSummary(
         **base,
         reads=len(reads), bytes_read=sum(r.length for r in reads), bytes_covered=covered,
-        requests=len(fetches), bytes_fetched=fetched,
-        prefetch_requests=len(prefetch), prefetch_bytes=sum(f.length for f in prefetch),
+        requests=_requests(fetches), bytes_fetched=fetched,
+        prefetch_requests=_requests(prefetch), prefetch_bytes=sum(f.length for f in prefetch),
         amplification=round(fetched / covered, 4) if covered else None,
         hit_ratio=round(sum(1 for r in reads if not r.fetches) / len(reads), 4) if reads
         else None,

@@ -4,6 +4,7 @@ when a registry refuses them (401/403)."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
@@ -20,6 +21,7 @@ from ..registry import (
     docker_config_credentials,
 )
 from ..registry.proxy_env import proxy_setting
+from ..registry.range_sockets import PartCallback
 
 __all__ = ["ClientPool", "RegistryBlob"]
 
@@ -109,13 +111,20 @@ class RegistryBlob:
         self._inner = HttpBlobSource(client, ref, digest, size)
 
     async def read_at(self, offset: int, length: int) -> bytes:
+        return await self._read(lambda inner: inner.read_at(offset, length))
+
+    async def read_ranges(self, ranges: list[tuple[int, int]], on_part: PartCallback | None = None
+                          ) -> list[bytes | bytearray | memoryview]:
+        return await self._read(lambda inner: inner.read_ranges(ranges, on_part))
+
+    async def _read(self, read: Callable[[HttpBlobSource], Awaitable[Any]]) -> Any:
         client = self._client
         try:
-            return await self._inner.read_at(offset, length)
+            return await read(self._inner)
         except AuthError:
             fresh = await self._pool.refresh(self._key, client, self._ref.api_host)
             if fresh is None:
                 raise
             self._client = fresh
             self._inner = HttpBlobSource(fresh, self._ref, self.digest, self.size)
-            return await self._inner.read_at(offset, length)
+            return await read(self._inner)

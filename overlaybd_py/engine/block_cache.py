@@ -53,6 +53,7 @@ import trio
 
 from .. import __version__, _accel
 from ..errors import DeviceError, DigestMismatchError, UsageError
+from ..registry.byteranges import Part
 from ..registry.range_sockets import RANGE_PROGRESS
 from ._tasks import run_concurrently
 from .source import BlobSource, check_range
@@ -824,6 +825,91 @@ class CachedSource:
         if length == 0:
             return 0
         return (await self._ensure(offset // BLOCK, (offset + length - 1) // BLOCK, 0))[0]
+
+    async def fill_many(self, ranges: list[tuple[int, int]]) -> int:
+        """``fill`` for several ranges: their missing blocks come in one multi-range request
+        when the remote can do that (``read_ranges``), each run of blocks published as its
+        part arrives. Returns the blocks this call fetched."""
+        if len(ranges) < 2 or getattr(self._remote, "read_ranges", None) is None:
+            fetched = 0
+            for offset, length in ranges:
+                fetched += await self.fill(offset, length)
+            return fetched
+        files = self._files
+        inflight = files.inflight
+        missing: set[int] = set()
+        for offset, length in ranges:
+            check_range(self, offset, length, self.digest)
+            if not length:
+                continue
+            first, last = offset // BLOCK, (offset + length - 1) // BLOCK
+            flags = files.present[first : last + 1].tobytes()
+            hole = flags.find(0)
+            while hole >= 0:
+                if first + hole not in inflight:
+                    missing.add(first + hole)
+                hole = flags.find(0, hole + 1)
+        # No await between the scan above and the claims here.
+        claims = [_Claim(inflight, a, b) for a, b in _runs(sorted(missing))]
+        if claims:
+            try:
+                await self._fetch_parts(claims)
+            finally:
+                for claim in claims:
+                    claim.release(inflight, claim.last)
+        fetched = len(missing)
+        for offset, length in ranges:  # blocks others were fetching (or failed to)
+            if length:
+                fetched += (await self._ensure(offset // BLOCK,
+                                               (offset + length - 1) // BLOCK, 0))[0]
+        return fetched
+
+    async def _fetch_parts(self, claims: list[_Claim]) -> None:
+        """Fetch several claims in one multi-range request."""
+        spans = [(c.first * BLOCK, min((c.last + 1) * BLOCK, self.size) - c.first * BLOCK)
+                 for c in claims]
+        landed = [False] * len(claims)
+        trio_token = trio.lowlevel.current_trio_token()
+
+        def on_part(body: memoryview, part: Part) -> None:  # worker thread
+            with contextlib.suppress(trio.RunFinishedError):
+                trio_token.run_sync_soon(self._land_part, claims, spans, landed, body, part)
+
+        started = time.monotonic()
+        data = await self._remote.read_ranges(spans, on_part)
+        self.fetch_latencies.append(time.monotonic() - started)
+        self._count_fetch(sum(c.last + 1 - c.first for c in claims),
+                          sum(length for _, length in spans))
+        for i, claim in enumerate(claims):
+            if landed[i]:
+                continue
+            if len(data[i]) != spans[i][1]:
+                raise DeviceError(f"{self.digest}: source returned {len(data[i])} of "
+                                  f"{spans[i][1]} bytes")
+            self._publish(claim.first, claim.last, self._store(data[i], spans[i][0]))
+            landed[i] = True
+
+    def _land_part(self, claims: list[_Claim], spans: list[tuple[int, int]],
+                   landed: list[bool], body: memoryview, part: Part) -> None:
+        """Store and publish the claims a part of a multi-range answer holds (trio thread;
+        must not raise: what fails here is stored at the end of the fetch)."""
+        if self._closed or self._files.closed:
+            return
+        for i, (offset, length) in enumerate(spans):
+            if landed[i] or not (part.start <= offset
+                                 and offset + length <= part.start + part.length):
+                continue
+            at = part.body_offset + offset - part.start
+            claim = claims[i]
+            try:
+                self._publish(claim.first, claim.last,
+                              self._store(body[at : at + length], offset))
+            except Exception as exc:
+                log.info("block cache: storing part of a fetch of %s failed: %s",
+                         self.digest, exc)
+                return
+            landed[i] = True
+            claim.release(self._files.inflight, claim.last)
 
     async def settle(self) -> None:
         """Wait for the fetches in flight, background read-ahead included (so their bytes

@@ -214,10 +214,33 @@ class TraceRecorder:
                 recorder._fetch_done(index, offset, length, started, trio.current_time(), ok)
 
         remote.read_at = read_at  # type: ignore[method-assign]
+        inner_ranges = getattr(remote, "read_ranges", None)
+
+        async def read_ranges(ranges: list[tuple[int, int]], on_part: Any = None) -> list:
+            if not recorder.recording:
+                return await inner_ranges(ranges, on_part)
+            started = trio.current_time()
+            for _, length in ranges:
+                recorder._fetch_started(length)
+            ok = False
+            try:
+                data = await inner_ranges(ranges, on_part)
+                ok = True
+                return data
+            finally:
+                ended = trio.current_time()
+                request = recorder._fetch_id + 1 if len(ranges) > 1 else None
+                for offset, length in ranges:
+                    recorder._fetch_done(index, offset, length, started, ended, ok, request)
+
+        if inner_ranges is not None:
+            remote.read_ranges = read_ranges  # type: ignore[attr-defined]
 
         def undo() -> None:
             if remote.__dict__.get("read_at") is read_at:
                 del remote.read_at
+            if remote.__dict__.get("read_ranges") is read_ranges:
+                del remote.read_ranges
         return undo
 
     # -- events (called from the wrappers; all on the trio thread) --------------------------
@@ -271,7 +294,7 @@ class TraceRecorder:
                 ctx.fetched += length
 
     def _fetch_done(self, layer: int, offset: int, length: int, started: float, ended: float,
-                    ok: bool) -> None:
+                    ok: bool, request: int | None = None) -> None:
         if not self.recording:
             return
         origin, ctx = self._fetch_origin()
@@ -283,7 +306,7 @@ class TraceRecorder:
             self._counters["fetches"] += 1
             self._counters["bytes_fetched"] += length
         self._keep(FetchEvent(self._fetch_id, started - self._t0, ended - started, layer,
-                              offset, length, origin, read_id, ok))
+                              offset, length, origin, read_id, ok, request))
 
     # -- results -----------------------------------------------------------------------------
 

@@ -305,7 +305,9 @@ class ReadEvent:
 
 @dataclass(frozen=True, slots=True)
 class FetchEvent:
-    """One range request to a layer blob (through the block cache: a miss being filled)."""
+    """One range fetched from a layer blob (through the block cache: a miss being filled).
+    The ranges of one multi-range request are one event each, with the request's time and
+    duration and ``request`` = the id of its first event (None: a request of its own)."""
 
     id: int
     t: float
@@ -316,6 +318,7 @@ class FetchEvent:
     origin: str  # "read", "readahead", "prefetch" or "other"
     read: int | None = None  # the read event that issued it
     ok: bool = True
+    request: int | None = None
     type: Literal["fetch"] = "fetch"
 
 
@@ -382,7 +385,7 @@ def _parse(obj: Any, where: str) -> Event:
             _int(obj, "id", where), _num(obj, "t", where), _num(obj, "dt", where),
             _int(obj, "layer", where), _int(obj, "offset", where), _int(obj, "length", where),
             _str(obj, "origin", where), _int(obj, "read", where, optional=True),
-            bool(obj.get("ok", True)),
+            bool(obj.get("ok", True)), _int(obj, "request", where, optional=True),
         )
     if kind == "header":
         version = _int(obj, "version", where)

@@ -15,6 +15,7 @@ import trio
 from ..errors import DigestMismatchError
 from ..formats.oci import Descriptor, validate_digest
 from .client import RegistryClient
+from .range_sockets import PartCallback
 from .reference import Reference
 
 __all__ = ["BlobSourceStatistics", "HttpBlobSource"]
@@ -73,6 +74,25 @@ class HttpBlobSource:
         )
         self._reads += 1
         self._bytes += length
+        self._seconds += trio.current_time() - start
+        return data
+
+    async def read_ranges(self, ranges: list[tuple[int, int]],
+                          on_part: PartCallback | None = None
+                          ) -> list[bytes | bytearray | memoryview]:
+        """Several (offset, length) ranges, in one request where the registry can (see
+        ``RegistryClient.read_blob_ranges``)."""
+        for offset, length in ranges:
+            if offset < 0 or length <= 0 or offset + length > self.size:
+                raise ValueError(
+                    f"read {offset}+{length} outside blob {self.digest} of {self.size} bytes"
+                )
+        start = trio.current_time()
+        data = await self._client.read_blob_ranges(
+            self._ref, self.digest, ranges, blob_size=self.size, on_part=on_part
+        )
+        self._reads += 1
+        self._bytes += sum(length for _, length in ranges)
         self._seconds += trio.current_time() - start
         return data
 

@@ -24,7 +24,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 import httpx
 import trio
@@ -62,7 +62,7 @@ from ._http import (
 )
 from .auth import Credentials, RegistryAuth, docker_config_credentials
 from .proxy_env import EnvProxies
-from .range_sockets import ErrorAnswer, RangeSockets
+from .range_sockets import ErrorAnswer, PartCallback, RangeSockets
 from .reference import Reference, select_manifest
 from .retry import RetryPolicy, retry
 
@@ -88,6 +88,9 @@ _DRAIN_LIMIT = 64 * 1024
 # Range reads from this size go through RangeSockets: below it the thread hop costs more
 # than the Python it saves.
 SOCKET_RANGE_MIN = 256 * 1024
+# A multi-range read the registry cannot answer as such becomes single-range requests, this
+# many in flight (the prefetcher runs half its workers when it batches, see prefetch.py).
+SPLIT_RANGES_IN_FLIGHT = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -521,13 +524,7 @@ class RegistryClient:
                     self._env_proxies and self._env_proxies.proxy_for(endpoint.base)):
                 data = await self._socket_range(endpoint, path, offset, length, blob_size)
                 if isinstance(data, ErrorAnswer):
-                    url = endpoint.base + path
-                    check_unsatisfiable(data.status, data.headers, blob_size, what)
-                    await raise_for_status(httpx.Response(
-                        data.status, headers=data.headers, content=data.body,
-                        request=httpx.Request("GET", url)), what)
-                    raise RegistryError(f"{what}: unexpected HTTP {data.status}",
-                                        status=data.status)
+                    await _raise_error_answer(data, endpoint.base + path, blob_size, what)
                 if data is not None:
                     return data
             async with self._exchange(
@@ -554,6 +551,64 @@ class RegistryClient:
             return data
 
         return await self._pull(ref, f"GET {what}", op)
+
+    async def read_blob_ranges(
+        self, ref: Reference, digest: str, ranges: list[tuple[int, int]], *,
+        blob_size: int | None = None, on_part: PartCallback | None = None,
+    ) -> list[bytes | bytearray | memoryview]:
+        """The bytes of several (offset, length) ranges of blob ``digest``, in the order
+        asked: in one multi-range request where the registry answers those with their parts
+        (``on_part`` then sees each part as it completes, in the worker thread; see
+        ``RangeSockets.get_ranges``), else one ``read_blob_range`` each."""
+        for offset, length in ranges:
+            if offset < 0 or length <= 0 or (blob_size is not None
+                                             and offset + length > blob_size):
+                raise ValueError(f"range {offset}+{length} outside blob {digest} of size "
+                                 f"{blob_size}")
+        path = self._blob_path(ref, digest)
+        what = f"blob {digest} {len(ranges)} ranges"
+
+        async def op(endpoint: _Endpoint) -> list[memoryview] | None:
+            if self._sockets is None or (
+                    self._env_proxies and self._env_proxies.proxy_for(endpoint.base)):
+                return None
+            await self._ensure_credentials(endpoint)
+            url = endpoint.base + path
+            ready, authorization = self._auth.ready_authorization("GET", url)
+            if not ready:
+                return None
+            get = partial(self._sockets.get_ranges, url, ranges, authorization, blob_size,
+                          on_part)
+            async with self._slot(endpoint.host):
+                self._requests += 1
+                try:
+                    data = await trio.to_thread.run_sync(get, abandon_on_cancel=True)
+                except OSError as exc:
+                    problem = tls.certificate_problem(exc)
+                    if problem is not None:
+                        raise tls.untrusted(endpoint.host, problem, url=url) from exc
+                    raise TransientError(f"GET {url} {what}: {type(exc).__name__}: {exc}",
+                                         url=url) from exc
+            if isinstance(data, ErrorAnswer):
+                await _raise_error_answer(data, url, blob_size, what)
+            return data
+
+        got = await self._pull(ref, f"GET {what}", op) if len(ranges) > 1 else None
+        if got is not None:
+            return list(got)
+        results: list[bytes | bytearray | memoryview] = [b""] * len(ranges)
+        limiter = trio.CapacityLimiter(SPLIT_RANGES_IN_FLIGHT)
+
+        async def one(i: int) -> None:
+            offset, length = ranges[i]
+            async with limiter:
+                results[i] = await self.read_blob_range(ref, digest, offset, length,
+                                                        blob_size=blob_size)
+
+        async with trio.open_nursery() as nursery:
+            for i in range(len(ranges)):
+                nursery.start_soon(one, i)
+        return results
 
     async def _socket_range(
         self, endpoint: _Endpoint, path: str, offset: int, length: int,
@@ -790,3 +845,13 @@ def _verified_manifest(ref: Reference, response: httpx.Response, content: bytes)
     parsed = parse_manifest_or_index(content, response.headers.get("content-type"))
     descriptor = Descriptor(parsed.media_type, digest, len(content))
     return FetchedManifest(ref.with_digest(digest), descriptor, content, parsed)
+
+
+async def _raise_error_answer(answer: ErrorAnswer, url: str, blob_size: int | None,
+                              what: str) -> NoReturn:
+    """Raise what an error answer of the socket path means (as httpx's path would)."""
+    check_unsatisfiable(answer.status, answer.headers, blob_size, what)
+    await raise_for_status(httpx.Response(
+        answer.status, headers=answer.headers, content=answer.body,
+        request=httpx.Request("GET", url)), what)
+    raise RegistryError(f"{what}: unexpected HTTP {answer.status}", status=answer.status)

@@ -24,12 +24,19 @@ import ssl
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
+from typing import Any
 from urllib.parse import urlsplit
 
 from ._http import parse_content_range
+from .byteranges import BodyParts, Part, boundary_of, covering_parts, range_header
 
 __all__ = ["RANGE_PROGRESS", "ErrorAnswer", "RangeSockets", "ResponseHead",
            "parse_response_head"]
+
+# Called in the worker thread with the body buffer and each part of a multi-range answer
+# once all its bytes have arrived (they are final: the callback may keep views of them).
+PartCallback = Callable[[memoryview, Part], None]
 
 # Set around a range read to see its body arrive: called in the worker thread with the
 # body buffer and how many of its bytes have arrived, every PROGRESS_STEP bytes or more
@@ -123,6 +130,7 @@ class RangeSockets:
         self._lock = threading.Lock()
         self._closed = False
         self.redirecting: set[str] = set()  # netlocs that answered a range GET with a redirect
+        self.single_range: set[str] = set()  # netlocs that answered a multi-range GET otherwise
         self.served = 0  # ranges answered here (not handed back to httpx)
         self.connections = 0  # connections opened
 
@@ -134,6 +142,28 @@ class RangeSockets:
         bytearray, when :data:`RANGE_PROGRESS` is set), an error answer, or None (use httpx:
         also when the answer names a blob size other than ``blob_size``, for httpx's path to
         refuse with its message)."""
+        exchange = partial(self._exchange, offset=offset, length=length, blob_size=blob_size)
+        return self._get(url, authorization, f"bytes={offset}-{offset + length - 1}", exchange)
+
+    def get_ranges(
+        self, url: str, ranges: list[tuple[int, int]], authorization: str | None,
+        blob_size: int | None = None, on_part: PartCallback | None = None,
+    ) -> list[memoryview] | ErrorAnswer | None:
+        """The bytes of several (offset, length) ranges of ``url`` in one request (views of
+        one buffer, in the order asked), an error answer, or None: the server does not
+        answer multi-range requests with the parts (it is then not asked again), or another
+        case httpx must handle; ask range by range."""
+        if urlsplit(url).netloc in self.single_range:
+            return None
+        exchange = partial(self._exchange_ranges, ranges=ranges, blob_size=blob_size,
+                           on_part=on_part)
+        return self._get(url, authorization, range_header(ranges), exchange)
+
+    def _get(self, url: str, authorization: str | None, range_value: str,
+             exchange: Callable[..., Any]) -> Any:
+        """Send a range GET on a pooled connection (once more on a new one if the server had
+        closed it) and let ``exchange(sock, key=, netloc=, request=)`` take the answer; None
+        for what this path does not handle."""
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or parts.hostname is None:
             return None
@@ -146,39 +176,117 @@ class RangeSockets:
         request = (
             f"GET {target} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
             f"User-Agent: {self._user_agent}\r\nAccept-Encoding: identity\r\n"
-            f"Range: bytes={offset}-{offset + length - 1}\r\n"
+            f"Range: {range_value}\r\n"
             + (f"Authorization: {authorization}\r\n" if authorization else "")
             + "\r\n"
         ).encode("latin-1")
+        call = partial(exchange, key=key, netloc=parts.netloc, request=request)
         sock = self._take(key)
         if sock is not None:
             try:
-                return self._exchange(sock, key, parts.netloc, request, offset, length,
-                                      blob_size)
+                return call(sock)
             except (OSError, _Stale):
                 pass  # the server closed an idle connection: once more on a new one
         sock = self._connect(key)
         try:
-            return self._exchange(sock, key, parts.netloc, request, offset, length, blob_size)
+            return call(sock)
         except _Stale as exc:
             raise ConnectionResetError(f"{parts.netloc} closed the connection: {exc}") from None
 
+    def _head(self, sock: socket.socket, netloc: str, request: bytes
+              ) -> tuple[ResponseHead, bytes, ErrorAnswer | None]:
+        """Send ``request``; the answer's head, the body bytes that came with it, and the
+        whole answer when it is an error (4xx/5xx but 401)."""
+        sock.sendall(request)
+        head, rest = _read_head(sock)
+        try:
+            answer = parse_response_head(head)
+        except ValueError as exc:
+            raise _Unusable(str(exc)) from None
+        if 300 <= answer.status < 400:
+            self.redirecting.add(netloc)
+        if answer.status >= 400 and answer.status != 401:
+            return answer, b"", _error_answer(sock, answer, rest)
+        return answer, rest, None
+
+    def _exchange_ranges(
+        self, sock: socket.socket, *, key: tuple[str, str, int], netloc: str, request: bytes,
+        ranges: list[tuple[int, int]], blob_size: int | None, on_part: PartCallback | None,
+    ) -> list[memoryview] | ErrorAnswer | None:
+        keep = False
+        try:
+            answer, rest, error = self._head(sock, netloc, request)
+            if error is not None:
+                keep = answer.headers.get("connection", "").lower() != "close"
+                return error
+            if answer.status == 200:  # ranges ignored: the whole blob comes; do not read it
+                self.single_range.add(netloc)
+            if answer.status != 206 or "transfer-encoding" in answer.headers:
+                raise _Unusable(f"HTTP {answer.status}")
+            declared = answer.headers.get("content-length", "")
+            low = min(offset for offset, _ in ranges)
+            high = max(offset + length for offset, length in ranges)
+            if not declared.isdigit() or int(declared) > high - low + 1024 * len(ranges) + 4096 \
+                    or len(rest) > int(declared):
+                self.single_range.add(netloc)
+                raise _Unusable("the answer is not the asked ranges")
+            total = int(declared)
+            body = bytearray(total)
+            view = memoryview(body)
+            view[: len(rest)] = rest
+            got = len(rest)
+            boundary = boundary_of(answer.headers.get("content-type", ""))
+            parser = BodyParts(boundary, blob_size) if boundary is not None else None
+            try:
+                while True:
+                    if parser is not None:
+                        for part in parser.feed(body, got):
+                            if on_part is not None:
+                                on_part(view, part)
+                    if got >= total:
+                        break
+                    n = sock.recv_into(view[got:])
+                    if n == 0:
+                        raise ConnectionResetError(
+                            f"{netloc} ended the body after {got} of {total}")
+                    got += n
+                if parser is not None:
+                    parser.finish(got)
+                    parts = parser.parts
+                else:  # one range holding them all
+                    span = answer.body_range()
+                    if span is None or span[1] - span[0] + 1 != total:
+                        raise ValueError("a single-part answer without its Content-Range")
+                    parts = [Part(span[0], total, 0)]
+                    if on_part is not None:
+                        on_part(view, parts[0])
+            except ValueError as exc:
+                self.single_range.add(netloc)
+                raise _Unusable(str(exc)) from None
+            covering = covering_parts(parts, ranges)
+            if covering is None:
+                self.single_range.add(netloc)
+                raise _Unusable("the parts do not cover the asked ranges")
+            keep = answer.headers.get("connection", "").lower() != "close"
+            self.served += 1
+            return [view[part.body_offset + at : part.body_offset + at + length]
+                    for (part, at), (_, length) in zip(covering, ranges, strict=True)]
+        except _Unusable:
+            return None
+        finally:
+            if keep:
+                self._put(key, sock)
+            else:
+                sock.close()
+
     def _exchange(
-        self, sock: socket.socket, key: tuple[str, str, int], netloc: str, request: bytes,
+        self, sock: socket.socket, *, key: tuple[str, str, int], netloc: str, request: bytes,
         offset: int, length: int, blob_size: int | None = None,
     ) -> bytes | bytearray | ErrorAnswer | None:
         keep = False
         try:
-            sock.sendall(request)
-            head, rest = _read_head(sock)
-            try:
-                answer = parse_response_head(head)
-            except ValueError as exc:
-                raise _Unusable(str(exc)) from None
-            if 300 <= answer.status < 400:
-                self.redirecting.add(netloc)
-            if answer.status >= 400 and answer.status != 401:
-                error = _error_answer(sock, answer, rest)
+            answer, rest, error = self._head(sock, netloc, request)
+            if error is not None:
                 keep = answer.headers.get("connection", "").lower() != "close"
                 return error
             if answer.status != 206 or "transfer-encoding" in answer.headers:

@@ -672,3 +672,81 @@ def test_a_blob_asked_for_at_another_size_is_refused_and_kept(tmp_path, blob):
         cache.close()
 
     trio.run(main)
+
+
+class MultiRangeSource(CountingSource):
+    """A remote that answers several ranges in one request, handing each part to
+    ``on_part`` as a server's multipart answer would (``fail``: the request fails after the
+    first part)."""
+
+    def __init__(self, data: bytes, fail: bool = False) -> None:
+        super().__init__(data)
+        self.multi: list[list[tuple[int, int]]] = []
+        self.fail = fail
+
+    async def read_ranges(self, ranges, on_part=None):
+        from overlaybd_py.registry.byteranges import Part
+
+        self.multi.append(list(ranges))
+        body = b"".join([await MemorySource.read_at(self, o, n) for o, n in ranges])
+        view, at, out = memoryview(body), 0, []
+        for i, (offset, length) in enumerate(ranges):
+            if self.fail and i == 1:
+                raise OSError("connection reset in the middle of the answer")
+            if on_part is not None:
+                on_part(view, Part(offset, length, at))
+            out.append(view[at : at + length])
+            at += length
+        return out
+
+
+def test_fill_many_fetches_the_missing_blocks_in_one_request(tmp_path, blob):
+    async def main():
+        cache = BlockCache.open(tmp_path / "c", 0)
+        remote = MultiRangeSource(blob)
+        source = cache.source(remote, "sha256:" + "5" * 64)
+        await source.read_at(100 * BLOCK, 10)  # present already: not asked for again
+        remote.requests.clear()
+        wanted = [(0, 3 * BLOCK), (100 * BLOCK, 2 * BLOCK), (400 * BLOCK + 5, 10 * BLOCK),
+                  (len(blob) - 100, 100)]
+        await source.fill_many(wanted)
+        assert remote.multi == [[(0, 3 * BLOCK), (101 * BLOCK, BLOCK),
+                                 (400 * BLOCK, 11 * BLOCK),
+                                 (len(blob) // BLOCK * BLOCK, len(blob) % BLOCK)]]
+        assert remote.requests == []
+        for offset, length in wanted:
+            assert await source.read_at(offset, length) == blob[offset : offset + length]
+        assert remote.requests == [] and source.requests == 2  # the first read, fill_many
+        await source.aclose()
+        cache.close()
+
+    trio.run(main)
+
+
+def test_fill_many_after_a_failed_request_leaves_nothing_half_claimed(tmp_path, blob):
+    async def main():
+        cache = BlockCache.open(tmp_path / "c", 0)
+        remote = MultiRangeSource(blob, fail=True)
+        source = cache.source(remote, "sha256:" + "6" * 64)
+        with pytest.raises(OSError):
+            await source.fill_many([(0, BLOCK), (50 * BLOCK, BLOCK), (90 * BLOCK, BLOCK)])
+        with trio.fail_after(5):  # no reader waits for a claim the failed request held
+            for offset in (0, 50 * BLOCK, 90 * BLOCK):
+                assert await source.read_at(offset, BLOCK) == blob[offset : offset + BLOCK]
+        await source.aclose()
+        cache.close()
+
+    trio.run(main)
+
+
+def test_fill_many_without_multi_range_fills_range_by_range(tmp_path, blob):
+    async def main():
+        cache = BlockCache.open(tmp_path / "c", 0)
+        remote = CountingSource(blob)
+        source = cache.source(remote, "sha256:" + "7" * 64)
+        await source.fill_many([(0, BLOCK), (10 * BLOCK, BLOCK)])
+        assert remote.requests == [(0, BLOCK), (10 * BLOCK, BLOCK)]
+        await source.aclose()
+        cache.close()
+
+    trio.run(main)

@@ -18,15 +18,17 @@ import pytest
 import trio
 import trio.testing
 
+from overlaybd_py.coldstart.traces import load_trace, summarize
 from overlaybd_py.engine.block_cache import READING_AHEAD, BlockCache
 from overlaybd_py.engine.image import LayerBlob, OpenImage, open_image
 from overlaybd_py.engine.layer_files import commit_layer
 from overlaybd_py.engine.prefetch import Prefetcher, records_from_trace, run_prefetch
 from overlaybd_py.engine.source import MemorySource
-from overlaybd_py.engine.trace_recorder import attach_recorder
+from overlaybd_py.engine.trace_recorder import PREFETCHING, attach_recorder
 from overlaybd_py.engine.writable import WritableLayer
 from overlaybd_py.errors import UsageError
 from overlaybd_py.formats import trace as tracefmt
+from overlaybd_py.registry.byteranges import Part
 
 VSIZE = 64 << 20
 LATENCY = 0.010  # per range request, virtual seconds (MockClock)
@@ -64,6 +66,35 @@ def _layer(workdir: Path, name: str, writes: list[tuple[int, bytes]]) -> bytes:
     return out.read_bytes()
 
 
+class MultiRemote(Remote):
+    """A registry that answers several ranges in one request (parts handed to ``on_part``
+    as they 'arrive'); logs each range like a request of its own in ``log`` (for
+    critical_fetches) and every request, with whether a prefetch made it, in ``calls``."""
+
+    def __init__(self, data: bytes, log: list, name: str, ahead: list | None = None,
+                 calls: list | None = None) -> None:
+        super().__init__(data, log, name, ahead)
+        self.calls = calls if calls is not None else []
+
+    async def read_at(self, offset: int, length: int) -> bytes:
+        self.calls.append((self.name, PREFETCHING.get(), 1))
+        return await super().read_at(offset, length)
+
+    async def read_ranges(self, ranges, on_part=None):
+        self.calls.append((self.name, PREFETCHING.get(), len(ranges)))
+        start = trio.current_time()
+        await trio.sleep(LATENCY)
+        body = b"".join([await MemorySource.read_at(self, o, n) for o, n in ranges])
+        view, at, out = memoryview(body), 0, []
+        for offset, length in ranges:
+            if on_part is not None:
+                on_part(view, Part(offset, length, at))
+            out.append(view[at : at + length])
+            self.log.append((start, trio.current_time(), self.name, offset, length))
+            at += length
+        return out
+
+
 @pytest.fixture(scope="module")
 def blobs(tmp_path_factory) -> list[bytes]:
     """Two layers: the bottom one holds 8 MiB of half-compressible data at 0, the top one
@@ -82,8 +113,10 @@ def blobs(tmp_path_factory) -> list[bytes]:
 class Image:
     """An open image over fresh Remotes and a block cache in ``cache_dir``."""
 
-    def __init__(self, blobs: list[bytes], cache_dir: Path) -> None:
+    def __init__(self, blobs: list[bytes], cache_dir: Path, multi: bool = False) -> None:
         self.blobs = blobs
+        self.multi = multi
+        self.calls: list[tuple[str, bool, int]] = []  # MultiRemote's requests
         self.cache_dir = cache_dir
         self.log: list[tuple[float, float, str, int, int]] = []
         self.ahead: list[tuple[float, float, str, int, int]] = []  # background read-ahead
@@ -98,10 +131,13 @@ class Image:
 
         async def open_blob(digest: str, size: int) -> Remote:
             i, data = by_digest[digest]
+            if self.multi:
+                return MultiRemote(data, self.log, f"l{i}", self.ahead, self.calls)
             return Remote(data, self.log, f"l{i}", self.ahead)
 
         self.image = await open_image(descs, open_blob, cache=self.cache)
         self.log.clear()  # opening (headers, indexes) is not the workload
+        self.calls.clear()
         return self.image
 
     async def __aexit__(self, *exc: object) -> None:
@@ -351,3 +387,41 @@ def test_a_trace_of_another_image_is_skipped_not_misread(tmp_path, blobs):
             assert len(holder.log) == 1
 
     trio.run(main)
+
+
+def test_prefetch_asks_for_neighbouring_spans_in_one_request(tmp_path, blobs):
+    """Where the registry takes several ranges per request, the prefetch sends the spans of a
+    layer that come next in the plan together: fewer requests than spans, the same bytes,
+    the reads as fast; the recorded trace counts HTTP requests, not ranges."""
+    reads = workload()
+
+    async def start(cache: str, multi: bool, trace: tracefmt.TraceFile | None = None):
+        holder = Image(blobs, tmp_path / cache, multi=multi)
+        waits: list = []
+        path = tmp_path / f"{cache}.trace"
+        async with holder as image:
+            recorder = attach_recorder(image, None, path)
+            async with trio.open_nursery() as nursery:
+                if trace is not None:
+                    nursery.start_soon(run_prefetch, image, trace)
+                out = await run_workload(recorder.device, reads, waits, image)
+            await recorder.close()
+            return out, holder, critical_fetches(image, holder.log, waits), path
+
+    async def main():
+        plain, _, lazy_critical, recorded = await start("rec", False)
+        trace = tracefmt.decode_trace(recorded.read_bytes())
+        out, holder, critical, path = await start("multi", True, trace)
+        assert out == plain
+        prefetch_calls = [c for c in holder.calls if c[1]]
+        spans = sum(n for *_, n in prefetch_calls)
+        assert any(n > 1 for *_, n in prefetch_calls)
+        assert len(prefetch_calls) < spans
+        assert critical * 3 <= lazy_critical
+        summary = summarize(load_trace(str(path)))
+        assert summary.prefetch_requests == len(prefetch_calls)
+        log = tracefmt.decode_events(Path(str(path) + ".jsonl").read_text())
+        shared = [f for f in log.fetches if f.request is not None]
+        assert shared and all(f.origin == "prefetch" for f in shared)
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
+import socket
 import stat
+import threading
 
 import pytest
 import trio
@@ -211,3 +214,91 @@ def test_proxies_from_the_environment(registry, tmp_path, monkeypatch):
         assert with_client(lambda c: body(c, registry.host)) == \
             image.layers[0][1000 : 1000 + (1 << 20)]
         assert len(proxy.requests) == seen  # 127.0.0.1: direct
+
+
+def test_several_ranges_in_one_request(registry, tmp_path):
+    """docker-registry answers a multi-range GET with multipart/byteranges: the client takes
+    the ranges from its parts (in the order asked, each part seen as it completes) and the
+    registry's log shows one request for them."""
+    repo = unique_repo("multirange")
+    image = publish(registry, repo, tmp_path / "layout", _layers()[:1])
+    ref = Reference.parse(f"{registry.host}/{repo}:v1")
+    blob = image.layers[0]
+    ranges = [(3 << 20, 100), (7, 4096), (1 << 20, 300_000), (1 << 20 | 300_000, 5)]
+    parts: list = []
+
+    async def body(client):
+        layer = (await client.get_manifest(ref)).parsed.layers[0]
+        mark = registry.log_mark()
+        data = await client.read_blob_ranges(ref, layer.digest, ranges, blob_size=layer.size,
+                                             on_part=lambda _body, part: parts.append(part))
+        return mark, [bytes(d) for d in data]
+
+    mark, data = with_client(body)
+    assert data == [blob[o : o + n] for o, n in ranges]
+    assert sorted((p.start, p.length) for p in parts) == sorted(ranges)
+    gets = [r for r in registry.responses(mark) if "/blobs/" in r["http.request.uri"]]
+    assert len(gets) == 1
+    assert gets[0]["http.response.contenttype"].startswith("multipart/byteranges")
+
+
+def test_a_server_that_ignores_several_ranges_is_asked_one_at_a_time(tmp_path):
+    """A registry answering a multi-range GET with the whole blob (200) is not read from:
+    the connection is dropped, the ranges come one request each, and the host is not asked
+    for several ranges again."""
+    blob = bytes(range(256)) * 4096
+    seen: list[str] = []
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def connection(conn):
+        with conn, contextlib.suppress(OSError):
+            buf = b""
+            while True:
+                while b"\r\n\r\n" not in buf:
+                    piece = conn.recv(65536)
+                    if not piece:
+                        return
+                    buf += piece
+                head, _, buf = buf.partition(b"\r\n\r\n")
+                lines = head.decode().split("\r\n")
+                rng = next(x for x in lines if x.lower().startswith("range:")).split("=")[1]
+                seen.append(rng)
+                if "," in rng:  # the whole blob, as a server that ignores Range sends it
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(blob))
+                    conn.sendall(blob[:65536])
+                    continue
+                first, last = (int(x) for x in rng.split("-"))
+                conn.sendall(b"HTTP/1.1 206 Partial Content\r\nContent-Length: %d\r\n"
+                             b"Content-Range: bytes %d-%d/%d\r\n\r\n"
+                             % (last - first + 1, first, last, len(blob)))
+                conn.sendall(blob[first : last + 1])
+
+    def serve():
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=connection, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    ref = Reference.parse(f"127.0.0.1:{port}/r:v1")
+    ranges = [(10, 300_000), (700_000, 300_000)]
+
+    async def body(client):
+        first = await client.read_blob_ranges(ref, "sha256:" + "a" * 64, ranges,
+                                              blob_size=len(blob))
+        again = await client.read_blob_ranges(ref, "sha256:" + "a" * 64, ranges,
+                                              blob_size=len(blob))
+        return [bytes(d) for d in first], [bytes(d) for d in again]
+
+    try:
+        first, again = with_client(body)
+    finally:
+        listener.close()
+    expected = [blob[o : o + n] for o, n in ranges]
+    assert first == expected and again == expected
+    multi = [r for r in seen if "," in r]
+    assert multi == ["10-300009,700000-999999"]  # asked once, never again
+    assert len(seen) == 5

@@ -104,3 +104,24 @@ def test_cli_show_and_plot(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "overlaybd_py", "trace", "show",
                           str(tmp_path / "nope")], capture_output=True, text=True)
     assert bad.returncode == 2 and "no trace" in bad.stderr
+
+
+def test_ranges_of_one_multi_range_request_count_as_one_request(tmp_path):
+    path = tmp_path / "multi.trace"
+    path.write_bytes(t.encode_trace([t.TraceRecord("R", 0, 4096, 0)]))
+    events = [
+        t.TraceLogHeader(1 << 30, (L0,), 1.7e9, "test"),
+        t.FetchEvent(1, 0.1, 0.2, 0, 0, 100, "prefetch", request=1),
+        t.FetchEvent(2, 0.1, 0.2, 0, 500, 100, "prefetch", request=1),
+        t.FetchEvent(3, 0.1, 0.2, 0, 900, 100, "prefetch", request=1),
+        t.FetchEvent(4, 0.2, 0.1, 0, 2000, 100, "prefetch"),
+        t.FetchEvent(5, 0.3, 0.1, 0, 3000, 100, "read", request=5),
+        t.FetchEvent(6, 0.3, 0.1, 0, 4000, 100, "read", request=5),
+        t.EndEvent(1.0),
+    ]
+    Path(str(path) + ".jsonl").write_text("".join(t.encode_event(e) + "\n" for e in events))
+    loaded = load_trace(str(path))
+    assert [f.request for f in loaded.log.fetches] == [1, 1, 1, None, 5, 5]
+    s = summarize(loaded)
+    assert (s.requests, s.bytes_fetched) == (3, 600)
+    assert (s.prefetch_requests, s.prefetch_bytes) == (2, 400)
