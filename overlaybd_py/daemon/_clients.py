@@ -114,7 +114,7 @@ class RegistryBlob:
         return await self._read(lambda inner: inner.read_at(offset, length))
 
     async def read_ranges(self, ranges: list[tuple[int, int]], on_part: PartCallback | None = None
-                          ) -> list[bytes | bytearray | memoryview]:
+                          ) -> list[memoryview] | None:
         return await self._read(lambda inner: inner.read_ranges(ranges, on_part))
 
     async def _read(self, read: Callable[[HttpBlobSource], Awaitable[Any]]) -> Any:

@@ -108,6 +108,9 @@ READING_AHEAD: contextvars.ContextVar[bool] = contextvars.ContextVar(
 # window as a second request after the missed blocks instead (no streaming) cost loopback
 # 10 % (one more request per miss) for 5 % at 200 Mbit.
 PIECE_BLOCKS = 32
+# A multi-range fetch the registry does not take as one request: this many of its ranges in
+# flight at a time (the prefetcher runs half its workers when it batches, see prefetch.py).
+SPLIT_FETCHES = 2
 _STORE_IN_THREAD = 256 * 1024  # fetched runs from this size are written in a worker thread
 EVICT_TO = 0.9  # evict down to this fraction of the cap
 
@@ -877,6 +880,9 @@ class CachedSource:
 
         started = time.monotonic()
         data = await self._remote.read_ranges(spans, on_part)
+        if data is None:  # the registry takes one range per request
+            await self._fetch_split(claims)
+            return
         self.fetch_latencies.append(time.monotonic() - started)
         self._count_fetch(sum(c.last + 1 - c.first for c in claims),
                           sum(length for _, length in spans))
@@ -888,6 +894,21 @@ class CachedSource:
                                   f"{spans[i][1]} bytes")
             self._publish(claim.first, claim.last, self._store(data[i], spans[i][0]))
             landed[i] = True
+
+    async def _fetch_split(self, claims: list[_Claim]) -> None:
+        """Fetch claims one request each, SPLIT_FETCHES at a time, each released (its
+        readers woken) as soon as it has landed."""
+        limiter = trio.CapacityLimiter(SPLIT_FETCHES)
+        inflight = self._files.inflight
+
+        async def one(claim: _Claim) -> None:
+            async with limiter:
+                try:
+                    await self._fetch(claim)
+                finally:
+                    claim.release(inflight, claim.last)
+
+        await run_concurrently([partial(one, claim) for claim in claims])
 
     def _land_part(self, claims: list[_Claim], spans: list[tuple[int, int]],
                    landed: list[bool], body: memoryview, part: Part) -> None:

@@ -222,16 +222,19 @@ class TraceRecorder:
             started = trio.current_time()
             for _, length in ranges:
                 recorder._fetch_started(length)
+            data = None
             ok = False
             try:
                 data = await inner_ranges(ranges, on_part)
                 ok = True
                 return data
             finally:
-                ended = trio.current_time()
-                request = recorder._fetch_id + 1 if len(ranges) > 1 else None
-                for offset, length in ranges:
-                    recorder._fetch_done(index, offset, length, started, ended, ok, request)
+                if data is not None or not ok:  # None: nothing was fetched, ranges come next
+                    ended = trio.current_time()
+                    request = recorder._fetch_id + 1 if len(ranges) > 1 else None
+                    for offset, length in ranges:
+                        recorder._fetch_done(index, offset, length, started, ended, ok,
+                                             request)
 
         if inner_ranges is not None:
             remote.read_ranges = read_ranges  # type: ignore[attr-defined]

@@ -79,9 +79,9 @@ class HttpBlobSource:
 
     async def read_ranges(self, ranges: list[tuple[int, int]],
                           on_part: PartCallback | None = None
-                          ) -> list[bytes | bytearray | memoryview]:
-        """Several (offset, length) ranges, in one request where the registry can (see
-        ``RegistryClient.read_blob_ranges``)."""
+                          ) -> list[memoryview] | None:
+        """Several (offset, length) ranges in one request, or None where the registry does
+        not take several (see ``RegistryClient.read_blob_ranges``)."""
         for offset, length in ranges:
             if offset < 0 or length <= 0 or offset + length > self.size:
                 raise ValueError(
@@ -91,6 +91,8 @@ class HttpBlobSource:
         data = await self._client.read_blob_ranges(
             self._ref, self.digest, ranges, blob_size=self.size, on_part=on_part
         )
+        if data is None:
+            return None
         self._reads += 1
         self._bytes += sum(length for _, length in ranges)
         self._seconds += trio.current_time() - start

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 __all__ = ["BodyParts", "Part", "boundary_of", "covering_parts", "range_header"]
 
 _PART_RANGE_RE = re.compile(rb"(?im)^content-range:[ \t]*bytes[ \t]+(\d+)-(\d+)/(\d+|\*)[ \t]*\r?$")
-_BOUNDARY_RE = re.compile(r'(?i)^multipart/byteranges\s*;(?:.*;)?\s*boundary\s*=\s*"?([^";]+)"?')
+_BOUNDARY_RE = re.compile(
+    r'(?i)^multipart/byteranges\s*;(?:.*;)?\s*boundary\s*=\s*(?:"([^"]+)"|([^";\s]+))')
 MAX_PART_HEAD = 8 * 1024
 
 
@@ -38,7 +39,9 @@ def range_header(ranges: Sequence[tuple[int, int]]) -> str:
 def boundary_of(content_type: str) -> str | None:
     """The boundary of a ``multipart/byteranges`` content type, or None for another type."""
     match = _BOUNDARY_RE.match(content_type.strip())
-    return match.group(1).strip() if match else None
+    if match is None:
+        return None
+    return match.group(1) if match.group(1) is not None else match.group(2)
 
 
 class BodyParts:
@@ -46,8 +49,10 @@ class BodyParts:
 
     ``feed(body, received)`` looks at ``body[:received]`` (the same buffer every call,
     filled further each time) and returns the parts completed since the last call.
-    ``finish(received)`` checks the body ended with the closing delimiter. Malformed input
-    raises ValueError naming what was wrong.
+    ``finish(received)`` checks the body ended with the closing delimiter. A part is handed
+    out only once the delimiter after it has arrived and checked out (a part shorter than
+    its Content-Range says must not pass the next part's header off as its bytes). Malformed
+    input raises ValueError naming what was wrong.
     """
 
     def __init__(self, boundary: str, blob_size: int | None = None) -> None:
@@ -90,6 +95,8 @@ class BodyParts:
                     raise ValueError("multipart body: no boundary in its first "
                                      f"{MAX_PART_HEAD} bytes")
                 return None
+            if found and bytes(view[found - 2 : found]) != b"\r\n":
+                raise ValueError("multipart body: the first boundary does not start a line")
             pos = found
             if len(view) < pos + len(delimiter) + 2:
                 return None
@@ -112,14 +119,18 @@ class BodyParts:
             raise ValueError(f"multipart body: part at byte {pos} has no Content-Range")
         first, last = int(match.group(1)), int(match.group(2))
         size = match.group(3)
-        if last < first or (self._blob_size is not None and size != b"*"
-                            and int(size) != self._blob_size):
+        if last < first or (self._blob_size is not None and (
+                last >= self._blob_size or (size != b"*" and int(size) != self._blob_size))):
             raise ValueError(f"multipart body: bad part range {head!r}")
         data_at = pos + head_end + 4
         length = last - first + 1
-        if len(view) < data_at + length:
+        end = data_at + length
+        if len(view) < end + 2 + len(delimiter):
             return None
-        self._pos = data_at + length
+        if view[end : end + 2] != b"\r\n" or view[end + 2 : end + 2 + len(delimiter)] != delimiter:
+            raise ValueError(f"multipart body: the part at byte {data_at} is not followed by "
+                             "the boundary where its Content-Range ends")
+        self._pos = end
         return Part(first, length, data_at)
 
 

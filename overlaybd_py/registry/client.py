@@ -88,9 +88,6 @@ _DRAIN_LIMIT = 64 * 1024
 # Range reads from this size go through RangeSockets: below it the thread hop costs more
 # than the Python it saves.
 SOCKET_RANGE_MIN = 256 * 1024
-# A multi-range read the registry cannot answer as such becomes single-range requests, this
-# many in flight (the prefetcher runs half its workers when it batches, see prefetch.py).
-SPLIT_RANGES_IN_FLIGHT = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -555,11 +552,12 @@ class RegistryClient:
     async def read_blob_ranges(
         self, ref: Reference, digest: str, ranges: list[tuple[int, int]], *,
         blob_size: int | None = None, on_part: PartCallback | None = None,
-    ) -> list[bytes | bytearray | memoryview]:
+    ) -> list[memoryview] | None:
         """The bytes of several (offset, length) ranges of blob ``digest``, in the order
-        asked: in one multi-range request where the registry answers those with their parts
-        (``on_part`` then sees each part as it completes, in the worker thread; see
-        ``RangeSockets.get_ranges``), else one ``read_blob_range`` each."""
+        asked, in one multi-range request (``on_part`` sees each part as it completes, in
+        the worker thread; see ``RangeSockets.get_ranges``); None where the registry does
+        not answer those with their parts, or this path cannot ask (a proxy, no token yet):
+        read range by range then."""
         for offset, length in ranges:
             if offset < 0 or length <= 0 or (blob_size is not None
                                              and offset + length > blob_size):
@@ -593,22 +591,7 @@ class RegistryClient:
                 await _raise_error_answer(data, url, blob_size, what)
             return data
 
-        got = await self._pull(ref, f"GET {what}", op) if len(ranges) > 1 else None
-        if got is not None:
-            return list(got)
-        results: list[bytes | bytearray | memoryview] = [b""] * len(ranges)
-        limiter = trio.CapacityLimiter(SPLIT_RANGES_IN_FLIGHT)
-
-        async def one(i: int) -> None:
-            offset, length = ranges[i]
-            async with limiter:
-                results[i] = await self.read_blob_range(ref, digest, offset, length,
-                                                        blob_size=blob_size)
-
-        async with trio.open_nursery() as nursery:
-            for i in range(len(ranges)):
-                nursery.start_soon(one, i)
-        return results
+        return await self._pull(ref, f"GET {what}", op)
 
     async def _socket_range(
         self, endpoint: _Endpoint, path: str, offset: int, length: int,

@@ -50,6 +50,10 @@ RANGE_PROGRESS: contextvars.ContextVar[Callable[[memoryview, int], None] | None]
 PROGRESS_STEP = 128 * 1024
 
 MAX_HEAD = 64 * 1024
+# Statuses a server may answer a multi-range request with where it would serve each range
+# alone; the host is then asked range by range.
+_REFUSED_MULTI = (400, 416, 501)
+_MULTI_OVERHEAD = 2048  # bytes a part may add: its header, a merged gap
 MAX_ERROR_BODY = 64 * 1024
 _IDLE_PER_HOST = 32
 _STATUS_RE = re.compile(rb"HTTP/1\.[01] (\d{3})(?: [^\r\n]*)?")
@@ -218,16 +222,19 @@ class RangeSockets:
             answer, rest, error = self._head(sock, netloc, request)
             if error is not None:
                 keep = answer.headers.get("connection", "").lower() != "close"
+                if answer.status in _REFUSED_MULTI:  # may refuse several ranges (RFC 9110)
+                    self.single_range.add(netloc)
+                    return None
                 return error
-            if answer.status == 200:  # ranges ignored: the whole blob comes; do not read it
-                self.single_range.add(netloc)
             if answer.status != 206 or "transfer-encoding" in answer.headers:
+                if answer.status != 401:  # 200: the whole blob would come; it is not read
+                    self.single_range.add(netloc)
                 raise _Unusable(f"HTTP {answer.status}")
             declared = answer.headers.get("content-length", "")
-            low = min(offset for offset, _ in ranges)
-            high = max(offset + length for offset, length in ranges)
-            if not declared.isdigit() or int(declared) > high - low + 1024 * len(ranges) + 4096 \
-                    or len(rest) > int(declared):
+            # the parts, their headers, and gaps a server may merge into a part
+            limit = sum(length for _, length in ranges) + _MULTI_OVERHEAD * len(ranges) + 4096
+            if not declared.isdigit() or int(declared) > limit or len(rest) > int(declared) \
+                    or (blob_size is not None and answer.blob_size() not in (None, blob_size)):
                 self.single_range.add(netloc)
                 raise _Unusable("the answer is not the asked ranges")
             total = int(declared)

@@ -750,3 +750,64 @@ def test_fill_many_without_multi_range_fills_range_by_range(tmp_path, blob):
         cache.close()
 
     trio.run(main)
+
+
+class SplittingSource(CountingSource):
+    """A remote whose registry does not take several ranges per request (``read_ranges``
+    answers None); ``slow`` offsets take 1 s, ``broken`` ones fail."""
+
+    def __init__(self, data: bytes, slow=(), broken=()) -> None:
+        super().__init__(data)
+        self.slow, self.broken = set(slow), set(broken)
+
+    async def read_ranges(self, ranges, on_part=None):
+        return None
+
+    async def read_at(self, offset: int, length: int) -> bytes:
+        self.requests.append((offset, length))
+        await trio.sleep(1.0 if offset in self.slow else 0.01)
+        if offset in self.broken:
+            raise OSError(f"connection reset reading {offset}")
+        return await MemorySource.read_at(self, offset, length)
+
+
+def test_fill_many_on_a_single_range_registry_wakes_each_reader_as_its_range_lands(
+        tmp_path, blob):
+    async def main():
+        cache = BlockCache.open(tmp_path / "c", 0)
+        remote = SplittingSource(blob, slow={200 * BLOCK})
+        source = cache.source(remote, "sha256:" + "8" * 64)
+        done: dict[str, float] = {}
+
+        async def reader():
+            await trio.sleep(0.001)  # after fill_many has claimed the blocks
+            assert await source.read_at(0, BLOCK) == blob[:BLOCK]
+            done["reader"] = trio.current_time()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader)
+            await source.fill_many([(0, BLOCK), (200 * BLOCK, BLOCK)])
+            done["fill"] = trio.current_time()
+        assert sorted(remote.requests) == [(0, BLOCK), (200 * BLOCK, BLOCK)]
+        assert done["reader"] < 0.5 < done["fill"]  # not held until the slow range landed
+        await source.aclose()
+        cache.close()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_fill_many_on_a_single_range_registry_raises_the_error_itself(tmp_path, blob):
+    async def main():
+        cache = BlockCache.open(tmp_path / "c", 0)
+        remote = SplittingSource(blob, broken={50 * BLOCK})
+        source = cache.source(remote, "sha256:" + "9" * 64)
+        with pytest.raises(OSError, match="connection reset"):  # not an ExceptionGroup
+            await source.fill_many([(0, BLOCK), (50 * BLOCK, BLOCK), (90 * BLOCK, BLOCK)])
+        remote.broken.clear()
+        with trio.fail_after(5):
+            for offset in (0, 50 * BLOCK, 90 * BLOCK):
+                assert await source.read_at(offset, BLOCK) == blob[offset : offset + BLOCK]
+        await source.aclose()
+        cache.close()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))

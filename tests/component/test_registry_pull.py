@@ -242,16 +242,28 @@ def test_several_ranges_in_one_request(registry, tmp_path):
     assert gets[0]["http.response.contenttype"].startswith("multipart/byteranges")
 
 
-def test_a_server_that_ignores_several_ranges_is_asked_one_at_a_time(tmp_path):
-    """A registry answering a multi-range GET with the whole blob (200) is not read from:
-    the connection is dropped, the ranges come one request each, and the host is not asked
-    for several ranges again."""
-    blob = bytes(range(256)) * 4096
-    seen: list[str] = []
-    listener = socket.create_server(("127.0.0.1", 0))
-    port = listener.getsockname()[1]
+class _RangeServer:
+    """A blob server that answers single ranges with 206 and several ranges the way
+    ``mode`` says: "whole" (200 and the whole blob, as a server ignoring Range), "refuse"
+    (416, which RFC 9110 allows for many ranges), "merge" (one 206 part from the first asked
+    byte to the last). ``seen`` logs every Range header."""
 
-    def connection(conn):
+    def __init__(self, blob: bytes, mode: str) -> None:
+        self.blob, self.mode, self.seen = blob, mode, []
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.host = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._connection, args=(conn,), daemon=True).start()
+
+    def _connection(self, conn: socket.socket) -> None:
+        blob = self.blob
         with conn, contextlib.suppress(OSError):
             buf = b""
             while True:
@@ -263,42 +275,79 @@ def test_a_server_that_ignores_several_ranges_is_asked_one_at_a_time(tmp_path):
                 head, _, buf = buf.partition(b"\r\n\r\n")
                 lines = head.decode().split("\r\n")
                 rng = next(x for x in lines if x.lower().startswith("range:")).split("=")[1]
-                seen.append(rng)
-                if "," in rng:  # the whole blob, as a server that ignores Range sends it
+                self.seen.append(rng)
+                spans = [tuple(int(x) for x in r.split("-")) for r in rng.split(",")]
+                if len(spans) > 1 and self.mode == "whole":
                     conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(blob))
-                    conn.sendall(blob[:65536])
+                    conn.sendall(blob[:65536])  # the client must not wait for the rest
                     continue
-                first, last = (int(x) for x in rng.split("-"))
+                if len(spans) > 1 and self.mode == "refuse":
+                    conn.sendall(b"HTTP/1.1 416 Range Not Satisfiable\r\nContent-Length: 0\r\n"
+                                 b"Content-Range: bytes */%d\r\n\r\n" % len(blob))
+                    continue
+                first, last = min(a for a, _ in spans), max(b for _, b in spans)
                 conn.sendall(b"HTTP/1.1 206 Partial Content\r\nContent-Length: %d\r\n"
                              b"Content-Range: bytes %d-%d/%d\r\n\r\n"
                              % (last - first + 1, first, last, len(blob)))
                 conn.sendall(blob[first : last + 1])
 
-    def serve():
-        while True:
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=connection, args=(conn,), daemon=True).start()
+    def close(self) -> None:
+        self.listener.close()
 
-    threading.Thread(target=serve, daemon=True).start()
-    ref = Reference.parse(f"127.0.0.1:{port}/r:v1")
-    ranges = [(10, 300_000), (700_000, 300_000)]
+
+@pytest.mark.parametrize("mode", ["whole", "refuse"])
+def test_a_server_that_does_not_answer_several_ranges_is_asked_one_at_a_time(tmp_path, mode):
+    """A multi-range GET answered with the whole blob (200, not read: the connection is
+    dropped) or refused (416) gives None, and the host is not asked for several ranges again;
+    the block cache then fetches the ranges one request each."""
+    from overlaybd_py.engine.block_cache import BlockCache
+
+    blob = bytes(range(256)) * 4096
+    server = _RangeServer(blob, mode)
+    ref = Reference.parse(f"{server.host}/r:v1")
+    digest = "sha256:" + "a" * 64
+    ranges = [(8192, 300 << 10), (700 << 10, 300 << 10)]
 
     async def body(client):
-        first = await client.read_blob_ranges(ref, "sha256:" + "a" * 64, ranges,
-                                              blob_size=len(blob))
-        again = await client.read_blob_ranges(ref, "sha256:" + "a" * 64, ranges,
-                                              blob_size=len(blob))
-        return [bytes(d) for d in first], [bytes(d) for d in again]
+        first = await client.read_blob_ranges(ref, digest, ranges, blob_size=len(blob))
+        again = await client.read_blob_ranges(ref, digest, ranges, blob_size=len(blob))
+        cache = BlockCache.open(tmp_path / "cache", 0)
+        source = cache.source(HttpBlobSource(client, ref, digest, len(blob)), digest)
+        await source.fill_many(ranges)
+        data = [bytes(await source.read_at(o, n)) for o, n in ranges]
+        await source.aclose()
+        cache.close()
+        return first, again, data
 
     try:
-        first, again = with_client(body)
+        first, again, data = with_client(body)
     finally:
-        listener.close()
-    expected = [blob[o : o + n] for o, n in ranges]
-    assert first == expected and again == expected
-    multi = [r for r in seen if "," in r]
-    assert multi == ["10-300009,700000-999999"]  # asked once, never again
-    assert len(seen) == 5
+        server.close()
+    assert first is None and again is None
+    assert data == [blob[o : o + n] for o, n in ranges]
+    assert [r for r in server.seen if "," in r] == ["8192-315391,716800-1023999"]  # once
+    assert len(server.seen) == 3  # the multi-range GET, then a GET per range
+
+
+def test_a_merged_single_part_answer_is_cut_into_the_ranges():
+    """A server may answer close ranges with one part covering them: the ranges are cut out
+    of it. One that would send far more than was asked (ranges far apart) is not read."""
+    blob = bytes(range(256)) * 4096
+    server = _RangeServer(blob, "merge")
+    ref = Reference.parse(f"{server.host}/r:v1")
+    close = [(5000, 1000), (4000, 20), (6100, 5)]
+    far = [(700_000, 1000), (10, 20)]
+
+    async def body(client):
+        got = await client.read_blob_ranges(ref, "sha256:" + "b" * 64, close,
+                                            blob_size=len(blob))
+        refused = await client.read_blob_ranges(ref, "sha256:" + "b" * 64, far,
+                                                blob_size=len(blob))
+        return [bytes(d) for d in got], refused
+
+    try:
+        got, refused = with_client(body)
+    finally:
+        server.close()
+    assert got == [blob[o : o + n] for o, n in close]
+    assert refused is None

@@ -40,6 +40,8 @@ def test_boundary_of():
     assert boundary_of('Multipart/Byteranges;boundary="q q"') == "q q"
     assert boundary_of("application/octet-stream") is None
     assert boundary_of("multipart/mixed; boundary=x") is None
+    assert boundary_of('multipart/byteranges; boundary="a;b c"; x=1') == "a;b c"
+    assert boundary_of("multipart/byteranges; boundary=abc; charset=x") == "abc"
 
 
 @pytest.mark.parametrize("step", [1, 7, 100, 10_000])
@@ -77,8 +79,27 @@ def test_malformed_bodies_are_refused_with_a_reason():
         parser.finish(len(cut))
     garbled = good.replace(b"\r\n--b0undary\r\nContent-Range: bytes 20", b"XX--b0undary\r\n"
                            b"Content-Range: bytes 20")
-    with pytest.raises(ValueError, match="no CRLF"):
+    with pytest.raises(ValueError, match="not followed by the boundary"):
         BodyParts("b0undary").feed(garbled, len(garbled))
+    beyond = body([(4000, 96)], size=str(len(BLOB)))
+    with pytest.raises(ValueError, match="bad part range"):
+        BodyParts("b0undary", 4050).feed(beyond, len(beyond))
+    glued = b"preamble--b0undary" + good[len(b"--b0undary"):]
+    with pytest.raises(ValueError, match="does not start a line"):
+        BodyParts("b0undary").feed(glued, len(glued))
+
+
+def test_a_part_shorter_than_its_content_range_is_never_handed_out():
+    """The server says 100 bytes and sends 60: the next delimiter and part header must not
+    come out as the missing 40, however the body arrives."""
+    raw = body([(0, 60), (500, 50)]).replace(b"bytes 0-59/", b"bytes 0-99/")
+    for step in (1, 13, len(raw)):
+        parser = BodyParts("b0undary", len(BLOB))
+        handed: list[Part] = []
+        with pytest.raises(ValueError, match="not followed by the boundary"):
+            for end in range(step, len(raw) + step, step):
+                handed += parser.feed(raw, min(end, len(raw)))
+        assert handed == []
 
 
 def test_covering_parts_accepts_merged_and_reordered_parts():
