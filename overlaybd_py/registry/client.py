@@ -24,7 +24,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import httpx
 import trio
@@ -517,11 +517,11 @@ class RegistryClient:
         what = f"blob {digest} range {offset}+{length}"
 
         async def op(endpoint: _Endpoint) -> bytes | bytearray:
-            if length >= SOCKET_RANGE_MIN and self._sockets is not None and not (
-                    self._env_proxies and self._env_proxies.proxy_for(endpoint.base)):
-                data = await self._socket_range(endpoint, path, offset, length, blob_size)
-                if isinstance(data, ErrorAnswer):
-                    await _raise_error_answer(data, endpoint.base + path, blob_size, what)
+            if length >= SOCKET_RANGE_MIN and self._socket_path(endpoint):
+                data = await self._socket_get(
+                    endpoint, path, f"range {offset}+{length}", what, blob_size,
+                    lambda url, auth: self._sockets.get_range(url, offset, length, auth,
+                                                              blob_size))
                 if data is not None:
                     return data
             async with self._exchange(
@@ -567,57 +567,48 @@ class RegistryClient:
         what = f"blob {digest} {len(ranges)} ranges"
 
         async def op(endpoint: _Endpoint) -> list[memoryview] | None:
-            if self._sockets is None or (
-                    self._env_proxies and self._env_proxies.proxy_for(endpoint.base)):
+            if not self._socket_path(endpoint):
                 return None
-            await self._ensure_credentials(endpoint)
-            url = endpoint.base + path
-            ready, authorization = self._auth.ready_authorization("GET", url)
-            if not ready:
-                return None
-            get = partial(self._sockets.get_ranges, url, ranges, authorization, blob_size,
-                          on_part)
-            async with self._slot(endpoint.host):
-                self._requests += 1
-                try:
-                    data = await trio.to_thread.run_sync(get, abandon_on_cancel=True)
-                except OSError as exc:
-                    problem = tls.certificate_problem(exc)
-                    if problem is not None:
-                        raise tls.untrusted(endpoint.host, problem, url=url) from exc
-                    raise TransientError(f"GET {url} {what}: {type(exc).__name__}: {exc}",
-                                         url=url) from exc
-            if isinstance(data, ErrorAnswer):
-                await _raise_error_answer(data, url, blob_size, what)
-            return data
+            return await self._socket_get(
+                endpoint, path, what, what, blob_size,
+                lambda url, auth: self._sockets.get_ranges(url, ranges, auth, blob_size,
+                                                           on_part))
 
         return await self._pull(ref, f"GET {what}", op)
 
-    async def _socket_range(
-        self, endpoint: _Endpoint, path: str, offset: int, length: int,
-        blob_size: int | None = None,
-    ) -> bytes | bytearray | ErrorAnswer | None:
-        """The range through :class:`RangeSockets` in a worker thread: its bytes (see
-        ``read_blob_range``), an error answer, or None when httpx must do it (no usable token
-        yet, or another answer)."""
+    def _socket_path(self, endpoint: _Endpoint) -> bool:
+        """Whether range GETs to ``endpoint`` may go over RangeSockets (not through a proxy)."""
+        return self._sockets is not None and not (
+            self._env_proxies and self._env_proxies.proxy_for(endpoint.base))
+
+    async def _socket_get(
+        self, endpoint: _Endpoint, path: str, label: str, what: str, blob_size: int | None,
+        get: Callable[[str, str | None], Any],
+    ) -> Any:
+        """``get(url, authorization)`` (a :class:`RangeSockets` read) in a worker thread:
+        its result, or None when httpx must do it (no usable token yet, or another answer);
+        an error answer is raised as the registry error it means."""
         assert self._sockets is not None
         await self._ensure_credentials(endpoint)
         url = endpoint.base + path
         ready, authorization = self._auth.ready_authorization("GET", url)
         if not ready:
             return None
-        get = partial(self._sockets.get_range, url, offset, length, authorization, blob_size)
         async with self._slot(endpoint.host):
             self._requests += 1
             try:
-                return await trio.to_thread.run_sync(get, abandon_on_cancel=True)
+                data = await trio.to_thread.run_sync(partial(get, url, authorization),
+                                                     abandon_on_cancel=True)
             except OSError as exc:
                 problem = tls.certificate_problem(exc)
                 if problem is not None:
                     raise tls.untrusted(endpoint.host, problem, url=url) from exc
                 raise TransientError(
-                    f"GET {url} range {offset}+{length}: {type(exc).__name__}: {exc}", url=url
+                    f"GET {url} {label}: {type(exc).__name__}: {exc}", url=url
                 ) from exc
+        if isinstance(data, ErrorAnswer):
+            await _raise_error_answer(data, url, blob_size, what)
+        return data
 
     async def download_blob(
         self, ref: Reference, descriptor: Descriptor, path: str | os.PathLike[str]

@@ -166,8 +166,9 @@ class RangeSockets:
     def _get(self, url: str, authorization: str | None, range_value: str,
              exchange: Callable[..., Any]) -> Any:
         """Send a range GET on a pooled connection (once more on a new one if the server had
-        closed it) and let ``exchange(sock, key=, netloc=, request=)`` take the answer; None
-        for what this path does not handle."""
+        closed it) and let ``exchange(sock, netloc=, request=)`` take the answer: it returns
+        (result, whether the connection may be reused) or raises; None for what this path
+        does not handle."""
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or parts.hostname is None:
             return None
@@ -184,7 +185,8 @@ class RangeSockets:
             + (f"Authorization: {authorization}\r\n" if authorization else "")
             + "\r\n"
         ).encode("latin-1")
-        call = partial(exchange, key=key, netloc=parts.netloc, request=request)
+        call = partial(self._run, partial(exchange, netloc=parts.netloc, request=request),
+                       key)
         sock = self._take(key)
         if sock is not None:
             try:
@@ -196,6 +198,22 @@ class RangeSockets:
             return call(sock)
         except _Stale as exc:
             raise ConnectionResetError(f"{parts.netloc} closed the connection: {exc}") from None
+
+    def _run(self, exchange: Callable[[socket.socket], tuple[Any, bool]],
+             key: tuple[str, str, int], sock: socket.socket) -> Any:
+        """One exchange on ``sock``; the connection goes back to the pool only when the
+        exchange read its answer whole and the server keeps it open."""
+        keep = False
+        try:
+            result, keep = exchange(sock)
+            return result
+        except _Unusable:
+            return None
+        finally:
+            if keep:
+                self._put(key, sock)
+            else:
+                sock.close()
 
     def _head(self, sock: socket.socket, netloc: str, request: bytes
               ) -> tuple[ResponseHead, bytes, ErrorAnswer | None]:
@@ -214,120 +232,99 @@ class RangeSockets:
         return answer, rest, None
 
     def _exchange_ranges(
-        self, sock: socket.socket, *, key: tuple[str, str, int], netloc: str, request: bytes,
+        self, sock: socket.socket, *, netloc: str, request: bytes,
         ranges: list[tuple[int, int]], blob_size: int | None, on_part: PartCallback | None,
-    ) -> list[memoryview] | ErrorAnswer | None:
-        keep = False
-        try:
-            answer, rest, error = self._head(sock, netloc, request)
-            if error is not None:
-                keep = answer.headers.get("connection", "").lower() != "close"
-                if answer.status in _REFUSED_MULTI:  # may refuse several ranges (RFC 9110)
-                    self.single_range.add(netloc)
-                    return None
-                return error
-            if answer.status != 206 or "transfer-encoding" in answer.headers:
-                if answer.status != 401:  # 200: the whole blob would come; it is not read
-                    self.single_range.add(netloc)
-                raise _Unusable(f"HTTP {answer.status}")
-            declared = answer.headers.get("content-length", "")
-            # the parts, their headers, and gaps a server may merge into a part
-            limit = sum(length for _, length in ranges) + _MULTI_OVERHEAD * len(ranges) + 4096
-            if not declared.isdigit() or int(declared) > limit or len(rest) > int(declared) \
-                    or (blob_size is not None and answer.blob_size() not in (None, blob_size)):
+    ) -> tuple[list[memoryview] | ErrorAnswer | None, bool]:
+        answer, rest, error = self._head(sock, netloc, request)
+        if error is not None:
+            if answer.status in _REFUSED_MULTI:  # may refuse several ranges (RFC 9110)
                 self.single_range.add(netloc)
-                raise _Unusable("the answer is not the asked ranges")
-            total = int(declared)
-            body = bytearray(total)
-            view = memoryview(body)
-            view[: len(rest)] = rest
-            got = len(rest)
-            boundary = boundary_of(answer.headers.get("content-type", ""))
-            parser = BodyParts(boundary, blob_size) if boundary is not None else None
-            try:
-                while True:
-                    if parser is not None:
-                        for part in parser.feed(body, got):
-                            if on_part is not None:
-                                on_part(view, part)
-                    if got >= total:
-                        break
-                    n = sock.recv_into(view[got:])
-                    if n == 0:
-                        raise ConnectionResetError(
-                            f"{netloc} ended the body after {got} of {total}")
-                    got += n
+                return None, _reusable(answer)
+            return error, _reusable(answer)
+        if answer.status != 206 or "transfer-encoding" in answer.headers:
+            if answer.status != 401:  # 200: the whole blob would come; it is not read
+                self.single_range.add(netloc)
+            raise _Unusable(f"HTTP {answer.status}")
+        declared = answer.headers.get("content-length", "")
+        # the parts, their headers, and gaps a server may merge into a part
+        limit = sum(length for _, length in ranges) + _MULTI_OVERHEAD * len(ranges) + 4096
+        if not declared.isdigit() or int(declared) > limit or len(rest) > int(declared) \
+                or (blob_size is not None and answer.blob_size() not in (None, blob_size)):
+            self.single_range.add(netloc)
+            raise _Unusable("the answer is not the asked ranges")
+        total = int(declared)
+        body = bytearray(total)
+        view = memoryview(body)
+        view[: len(rest)] = rest
+        got = len(rest)
+        boundary = boundary_of(answer.headers.get("content-type", ""))
+        parser = BodyParts(boundary, blob_size) if boundary is not None else None
+        try:
+            while True:
                 if parser is not None:
-                    parser.finish(got)
-                    parts = parser.parts
-                else:  # one range holding them all
-                    span = answer.body_range()
-                    if span is None or span[1] - span[0] + 1 != total:
-                        raise ValueError("a single-part answer without its Content-Range")
-                    parts = [Part(span[0], total, 0)]
-                    if on_part is not None:
-                        on_part(view, parts[0])
-            except ValueError as exc:
-                self.single_range.add(netloc)
-                raise _Unusable(str(exc)) from None
-            covering = covering_parts(parts, ranges)
-            if covering is None:
-                self.single_range.add(netloc)
-                raise _Unusable("the parts do not cover the asked ranges")
-            keep = answer.headers.get("connection", "").lower() != "close"
-            self.served += 1
-            return [view[part.body_offset + at : part.body_offset + at + length]
-                    for (part, at), (_, length) in zip(covering, ranges, strict=True)]
-        except _Unusable:
-            return None
-        finally:
-            if keep:
-                self._put(key, sock)
-            else:
-                sock.close()
-
-    def _exchange(
-        self, sock: socket.socket, *, key: tuple[str, str, int], netloc: str, request: bytes,
-        offset: int, length: int, blob_size: int | None = None,
-    ) -> bytes | bytearray | ErrorAnswer | None:
-        keep = False
-        try:
-            answer, rest, error = self._head(sock, netloc, request)
-            if error is not None:
-                keep = answer.headers.get("connection", "").lower() != "close"
-                return error
-            if answer.status != 206 or "transfer-encoding" in answer.headers:
-                raise _Unusable(f"HTTP {answer.status}")
-            declared = answer.headers.get("content-length", "")
-            if answer.body_range() != (offset, offset + length - 1) or declared != str(length) \
-                    or len(rest) > length:
-                raise _Unusable("the answer is not the asked range")
-            if blob_size is not None and answer.blob_size() not in (None, blob_size):
-                raise _Unusable(f"the answer is of a blob of {answer.blob_size()} bytes")
-            body = bytearray(length)
-            view = memoryview(body)
-            view[: len(rest)] = rest
-            got = len(rest)
-            progress = RANGE_PROGRESS.get()
-            mark = PROGRESS_STEP
-            while got < length:
+                    for part in parser.feed(body, got):
+                        if on_part is not None:
+                            on_part(view, part)
+                if got >= total:
+                    break
                 n = sock.recv_into(view[got:])
                 if n == 0:
-                    raise ConnectionResetError(f"{netloc} ended the body after {got} of {length}")
+                    raise ConnectionResetError(
+                        f"{netloc} ended the body after {got} of {total}")
                 got += n
-                if progress is not None and mark <= got < length:
-                    progress(view, got)
-                    mark = got + PROGRESS_STEP
-            keep = answer.headers.get("connection", "").lower() != "close"
-            self.served += 1
-            return body if progress is not None else bytes(body)
-        except _Unusable:
-            return None
-        finally:
-            if keep:
-                self._put(key, sock)
-            else:
-                sock.close()
+            if parser is not None:
+                parser.finish(got)
+                parts = parser.parts
+            else:  # one range holding them all
+                span = answer.body_range()
+                if span is None or span[1] - span[0] + 1 != total:
+                    raise ValueError("a single-part answer without its Content-Range")
+                parts = [Part(span[0], total, 0)]
+                if on_part is not None:
+                    on_part(view, parts[0])
+        except ValueError as exc:
+            self.single_range.add(netloc)
+            raise _Unusable(str(exc)) from None
+        covering = covering_parts(parts, ranges)
+        if covering is None:
+            self.single_range.add(netloc)
+            raise _Unusable("the parts do not cover the asked ranges")
+        self.served += 1
+        return [view[part.body_offset + at : part.body_offset + at + length]
+                for (part, at), (_, length) in zip(covering, ranges, strict=True)], \
+            _reusable(answer)
+
+    def _exchange(
+        self, sock: socket.socket, *, netloc: str, request: bytes,
+        offset: int, length: int, blob_size: int | None = None,
+    ) -> tuple[bytes | bytearray | ErrorAnswer | None, bool]:
+        answer, rest, error = self._head(sock, netloc, request)
+        if error is not None:
+            return error, _reusable(answer)
+        if answer.status != 206 or "transfer-encoding" in answer.headers:
+            raise _Unusable(f"HTTP {answer.status}")
+        declared = answer.headers.get("content-length", "")
+        if answer.body_range() != (offset, offset + length - 1) or declared != str(length) \
+                or len(rest) > length:
+            raise _Unusable("the answer is not the asked range")
+        if blob_size is not None and answer.blob_size() not in (None, blob_size):
+            raise _Unusable(f"the answer is of a blob of {answer.blob_size()} bytes")
+        body = bytearray(length)
+        view = memoryview(body)
+        view[: len(rest)] = rest
+        got = len(rest)
+        progress = RANGE_PROGRESS.get()
+        mark = PROGRESS_STEP
+        while got < length:
+            n = sock.recv_into(view[got:])
+            if n == 0:
+                raise ConnectionResetError(f"{netloc} ended the body after {got} of {length}")
+            got += n
+            if progress is not None and mark <= got < length:
+                progress(view, got)
+                mark = got + PROGRESS_STEP
+        self.served += 1
+        return body if progress is not None else bytes(body), _reusable(answer)
 
     def _take(self, key: tuple[str, str, int]) -> socket.socket | None:
         with self._lock:
@@ -364,6 +361,11 @@ class RangeSockets:
         for sockets in idle.values():
             for sock in sockets:
                 sock.close()
+
+
+def _reusable(answer: ResponseHead) -> bool:
+    """Whether the server keeps the connection open after this (wholly read) answer."""
+    return answer.headers.get("connection", "").lower() != "close"
 
 
 def _error_answer(sock: socket.socket, answer: ResponseHead, rest: bytes) -> ErrorAnswer:
